@@ -1,0 +1,253 @@
+"""The `s2clip` command line: one thin function per command over the library."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from .errors import S2ClipError
+
+app = typer.Typer(
+    name="s2clip",
+    help="Training-free open-vocabulary semantic segmentation with frozen CLIP + DINO + SAM.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="List, download and verify model weights.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+console = Console(stderr=True)
+out = Console()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn library errors into one line on stderr and a non-zero exit (no traceback).
+
+    Set S2CLIP_DEBUG=1 to see the traceback of unexpected errors."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except S2ClipError as exc:
+            _fail(str(exc).replace("\n", " "))
+        except KeyboardInterrupt:
+            _fail("interrupted", code=130)
+        except typer.Exit:
+            raise
+        except Exception as exc:  # noqa: BLE001 - last resort, keep it to one line
+            if os.environ.get("S2CLIP_DEBUG"):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            _fail(f"unexpected {type(exc).__name__}: {first} (set S2CLIP_DEBUG=1 for the traceback)", code=1)
+
+    return wrapper
+
+
+def _warn_random(mode: str) -> None:
+    if mode != "real":
+        from .models.factory import random_warning
+
+        console.print(f"[bold yellow]warning:[/] {random_warning(mode)}", highlight=False)
+
+
+# Options shared by the commands that build models.
+ClipOpt = Annotated[str, typer.Option("--clip", help="CLIP backbone: ViT-B/16, ViT-L/14 or ViT-H/14.")]
+VfmOpt = Annotated[str, typer.Option("--vfm", help="VFM for proxy attention: dino_vitb8 (default), dino_vitb16, "
+                                     "dino_vits8, dino_vits16, dinov2_vits14, dinov2_vitb14, sam_vitb16.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+ModelsOpt = Annotated[str, typer.Option("--models", help="real (checkpoints), tiny (small random, for tests) "
+                                        "or random (full-size random, for timing).")]
+OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never download weights (also S2CLIP_OFFLINE=1).")]
+LayersOpt = Annotated[str | None, typer.Option("--layers", help="CLIP layers to fuse, e.g. 6,8,10 or 6-10 "
+                                               "(default: the deeper half, 6-10 for ViT-B/16).")]
+CombineOpt = Annotated[str, typer.Option("--combine", help="How per-layer predictions combine: mean or entropy.")]
+WeightsOpt = Annotated[Path | None, typer.Option(help="Explicit checkpoint file (overrides the search).")]
+
+
+def parse_layers(spec: str | None) -> list[int] | None:
+    """`6,8,10` or `6-10` (or a mix) → sorted unique layer indices."""
+    if spec is None or not spec.strip():
+        return None
+    layers: set[int] = set()
+    try:
+        for part in spec.split(","):
+            part = part.strip()
+            if "-" in part:
+                lo, hi = (int(v) for v in part.split("-", 1))
+                if hi < lo:
+                    raise ValueError
+                layers.update(range(lo, hi + 1))
+            else:
+                layers.add(int(part))
+    except ValueError:
+        raise S2ClipError(f"bad --layers {spec!r}: use a comma list like 6,8,10 or a range like 6-10") from None
+    if any(layer < 0 for layer in layers):
+        raise S2ClipError(f"bad --layers {spec!r}: layers are non-negative block indices")
+    return sorted(layers)
+
+
+# ---------------------------------------------------------------------------------------------- segment
+@app.command()
+@user_errors
+def segment(
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
+    classes: Annotated[str, typer.Option("--classes", "-c", help="Comma list (cat,dog; puppy) or @file.txt "
+                                         "(one class per line, synonyms separated by '; ').")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("s2clip-out"),
+    background: Annotated[str | None, typer.Option(help="Background names separated by '; ' "
+                                                   "(default: a built-in list of stuff names).")] = None,
+    no_background: Annotated[bool, typer.Option("--no-background", help="No background class.")] = False,
+    threshold: Annotated[float, typer.Option(help="Pixels whose top probability is under this fall to "
+                                             "background.")] = 0.2,
+    clip: ClipOpt = "ViT-B/16",
+    vfm: VfmOpt = "dino_vitb8",
+    layers: LayersOpt = None,
+    combine: CombineOpt = "mean",
+    no_sam: Annotated[bool, typer.Option("--no-sam", help="Skip the SAM post-processing.")] = False,
+    sam: Annotated[str, typer.Option(help="SAM model for post-processing: vit_b, vit_l or vit_h.")] = "vit_b",
+    sam_impl: Annotated[str, typer.Option(help="SAM refinement implementation: optimized or original.")] = "optimized",
+    no_cca: Annotated[bool, typer.Option("--no-cca", help="Ablation: one prompt per class.")] = False,
+    no_box: Annotated[bool, typer.Option("--no-box", help="Ablation: no box prompts.")] = False,
+    no_mask: Annotated[bool, typer.Option("--no-mask", help="Ablation: no mask prompts.")] = False,
+    no_point: Annotated[bool, typer.Option("--no-point", help="Ablation: no point prompts.")] = False,
+    coarse_thresh: Annotated[float, typer.Option(help="SAM refinement: coarse probability threshold.")] = 0.2,
+    iou_thresh: Annotated[float, typer.Option(help="SAM refinement: predicted-IoU threshold.")] = 0.8,
+    min_area: Annotated[int, typer.Option(help="SAM refinement: minimal region area (pixels, at half "
+                                          "resolution).")] = 225,
+    mask_coeff: Annotated[float, typer.Option(help="SAM refinement: mask prompt coefficient.")] = 0.005,
+    short_side: Annotated[int, typer.Option(help="Resize so the short side is this (long side ≤ 2048).")] = 448,
+    stride: Annotated[int, typer.Option(help="Sliding-window stride (crop 336).")] = 112,
+    window_batch: Annotated[int, typer.Option(help="Windows per forward pass (memory bound).")] = 4,
+    device: DeviceOpt = "auto",
+    models: ModelsOpt = "real",
+    offline: OfflineOpt = False,
+    clip_weights: WeightsOpt = None,
+    vfm_weights: WeightsOpt = None,
+    sam_weights: WeightsOpt = None,
+) -> None:
+    """Label every pixel of IMAGES with one of --classes; writes mask, overlay and JSON per image."""
+    from .config import DEFAULT_BACKGROUND, RefineConfig
+    from .data.class_names import parse_class_list
+    from .io import collect_images, prepare_output_dir
+    from .models.factory import ModelPaths
+    from .pipeline.segmenter import SegmenterConfig
+    from .segment_run import run_segment
+
+    class_list = parse_class_list(classes)
+    bg: list[str] | None = None
+    if not no_background:
+        bg_spec = DEFAULT_BACKGROUND if background is None else background
+        bg = [name.strip() for name in bg_spec.split(";") if name.strip()]
+        if not bg:
+            raise S2ClipError("--background is empty: give names separated by '; ' or use --no-background")
+        fg_names = {n.lower() for names in class_list for n in names}
+        bg = [name for name in bg if name.lower() not in fg_names]  # a named class wins over background
+    if sam_impl not in ("optimized", "original"):
+        raise S2ClipError(f"unknown --sam-impl {sam_impl!r}: use optimized or original")
+    paths = collect_images(images)
+    out_dir = prepare_output_dir(output)
+    cfg = SegmenterConfig(
+        clip=clip, vfm=vfm, sam=None if no_sam else sam, layers=parse_layers(layers), combine=combine,
+        short_side=short_side, stride=stride, prob_thd=threshold if bg else 0.0, window_batch=window_batch,
+        refine=RefineConfig(coarse_thresh=coarse_thresh, min_area=min_area, mask_coeff=mask_coeff,
+                            iou_thresh=iou_thresh, impl=sam_impl, use_cca=not no_cca, use_box=not no_box,
+                            use_mask=not no_mask, use_point=not no_point),
+        models=models, device=device, offline=offline,
+        weights=ModelPaths(clip=clip_weights, vfm=vfm_weights, sam=sam_weights),
+    )
+    _warn_random(models)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        failures = run_segment(paths, class_list, bg, cfg, out_dir, console=console, out=out)
+    if failures:
+        _fail(f"{failures} of {len(paths)} images could not be segmented (see above)", code=1)
+
+
+# ---------------------------------------------------------------------------------------------- models
+@models_app.command("list")
+@user_errors
+def models_list() -> None:
+    """Every known model: family, source, expected file, and whether it is found."""
+    from rich.table import Table
+
+    from .models.registry import ALL_SPECS
+    from .models.weights import locate, weights_dir
+
+    table = Table(title=f"s2clip models (weights dir: {weights_dir()})")
+    for col in ("name", "family", "source", "expected file", "found"):
+        table.add_column(col)
+    for spec in ALL_SPECS.values():
+        found = locate(spec)
+        status = f"[green]yes[/] ({found.where}: {found.path})" if found.path else "[red]no[/]"
+        table.add_row(spec.name, spec.family, spec.source, spec.filename, status)
+    out.print(table)
+
+
+@models_app.command("download")
+@user_errors
+def models_download(names: Annotated[list[str], typer.Argument(help="Model names (see `s2clip models list`).")]) -> None:
+    """Download weights (to the Hugging Face cache or the s2clip weights dir)."""
+    from .models.registry import any_spec
+    from .models.weights import download, is_offline, locate
+
+    specs = [any_spec(name) for name in names]
+    if is_offline():
+        raise S2ClipError("offline mode is on (S2CLIP_OFFLINE / HF_HUB_OFFLINE): nothing can be downloaded")
+    for spec in specs:
+        found = locate(spec)
+        if found.path is not None:
+            out.print(f"{spec.name}: already present at {found.path}")
+            continue
+        with console.status(f"downloading {spec.name}…"):
+            path = download(spec)
+        out.print(f"{spec.name}: {path}")
+
+
+@models_app.command("verify")
+@user_errors
+def models_verify(names: Annotated[list[str] | None, typer.Argument(help="Models to check (default: all found).")] = None) -> None:
+    """Check that weight files are present and load into their architectures."""
+    from .models.registry import ALL_SPECS, any_spec
+    from .models.verify import verify_spec
+    from .models.weights import locate
+
+    specs = [any_spec(n) for n in names] if names else [s for s in ALL_SPECS.values() if locate(s).path]
+    if not specs:
+        raise S2ClipError("no weights found to verify; see `s2clip models list`")
+    bad = 0
+    for spec in specs:
+        try:
+            path = verify_spec(spec)
+            out.print(f"[green]ok[/]   {spec.name}: {path}")
+        except S2ClipError as exc:
+            bad += 1
+            console.print(f"[red]fail[/] {spec.name}: {exc}", highlight=False)
+    if bad:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except BrokenPipeError:  # pragma: no cover - e.g. `s2clip models list | head`
+        sys.stderr.close()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

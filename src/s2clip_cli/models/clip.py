@@ -1,0 +1,170 @@
+"""CLIP through open_clip: building, and the hierarchical feature path of S2CLIP.
+
+`ClipBackbone` wraps an open_clip ``CLIP`` model. Its image path runs the ViT on a window with
+the positional embedding resampled (timm's `resample_abs_pos_embed`) to the window's patch grid,
+keeps the residual stream after each selected block, and applies the *correlation block* — the
+last block with its attention replaced by a given (proxy) attention, no residual and no MLP — to
+every kept stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from torch import Tensor, nn
+
+from ..errors import S2ClipError
+from .registry import ModelSpec
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# A small CLIP of the real architecture family, for `--models tiny`: an open_clip model config
+# shipped in models/configs/ and registered with open_clip's factory.
+TINY_CLIP_NAME = "s2clip-tiny-clip"
+
+
+def _register_tiny_config() -> None:
+    """Make the tiny configuration known to open_clip's factory (once)."""
+    if TINY_CLIP_NAME in open_clip.list_models():
+        return
+    open_clip.add_model_config(Path(str(resources.files("s2clip_cli.models"))) / "configs" / f"{TINY_CLIP_NAME}.json")
+
+
+def default_layers(num_blocks: int) -> list[int]:
+    """The deeper half of the network up to the input of the last block.
+
+    ViT-B/16 (12 blocks, 0-11): 6..10. Block 10's output is the last block's input.
+    """
+    return list(range(num_blocks // 2, num_blocks - 1))
+
+
+def build_clip(spec: ModelSpec, *, weights: str | Path | None, tiny: bool = False) -> nn.Module:
+    """Build an open_clip CLIP model; load `weights` when given (random otherwise)."""
+    arch = spec.arch
+    if tiny:
+        _register_tiny_config()
+        arch = TINY_CLIP_NAME
+    try:
+        logging.disable(logging.WARNING)  # open_clip logs "initialized randomly"; we warn ourselves
+        try:
+            model = open_clip.create_model(arch, pretrained=None)
+        finally:
+            logging.disable(logging.NOTSET)
+        if weights is not None:
+            open_clip.load_checkpoint(model, str(weights), strict=True, weights_only=True)
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise S2ClipError(f"cannot load CLIP weights {weights} for {spec.name}: {first}") from None
+    return model.eval()
+
+
+@dataclass
+class ClipLayerStreams:
+    """Residual streams after the selected blocks, for a batch of windows."""
+
+    layers: list[int]
+    streams: list[Tensor]  # each [B, 1 + h*w, D] (class token first)
+    grid: tuple[int, int]
+
+
+class ClipBackbone(nn.Module):
+    """The CLIP pieces S2CLIP uses: text tower, patch embedding and blocks, correlation block."""
+
+    def __init__(self, model: nn.Module, name: str, tokenizer_name: str = "ViT-B-16") -> None:
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.visual = model.visual
+        self.tokenizer = open_clip.get_tokenizer(tokenizer_name)
+        patch = self.visual.patch_size
+        self.patch_size = int(patch[0] if isinstance(patch, tuple | list) else patch)
+        grid = self.visual.grid_size
+        self.native_grid = (int(grid[0]), int(grid[1]))
+        self.num_blocks = len(self.visual.transformer.resblocks)
+        self._pos_cache: dict[tuple[int, int], Tensor] = {}
+
+    # ------------------------------------------------------------------ text
+    @property
+    def embed_dim(self) -> int:
+        return int(self.visual.proj.shape[1])
+
+    @torch.no_grad()
+    def encode_text_names(self, names: list[str], templates, batch_size: int = 8) -> Tensor:
+        """[len(names), E] unit text embeddings: each name's templates embedded, normalized,
+        averaged, normalized (open_clip's `build_zero_shot_classifier`)."""
+        device = next(self.model.parameters()).device
+        weights = open_clip.build_zero_shot_classifier(
+            self.model, self.tokenizer, names, templates,
+            num_classes_per_batch=batch_size, device=device, use_tqdm=False,
+        )
+        return weights.T.float().contiguous()
+
+    # ------------------------------------------------------------------ image
+    @torch.no_grad()
+    def positional_embedding(self, grid: tuple[int, int]) -> Tensor:
+        """The class + patch positional embedding resampled to `grid` (bicubic, antialiased, as
+        timm and open_clip resample them), cached per grid."""
+        cached = self._pos_cache.get(grid)
+        pos = self.visual.positional_embedding
+        if cached is not None and cached.device == pos.device:
+            return cached
+        resampled = resample_abs_pos_embed(
+            pos.unsqueeze(0).float(), new_size=list(grid), old_size=list(self.native_grid), num_prefix_tokens=1
+        )[0]
+        self._pos_cache[grid] = resampled
+        return resampled
+
+    def embed(self, images: Tensor) -> Tensor:
+        """Patch + class tokens with positional embedding and ln_pre: [B, 1 + h*w, D]."""
+        v = self.visual
+        x = v.conv1(images)
+        grid = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1)
+        x = x + self.positional_embedding(grid).to(x.dtype)
+        return v.ln_pre(x)
+
+    def residual_streams(self, images: Tensor, layers: list[int]) -> ClipLayerStreams:
+        """Run blocks 0..max(layers) and keep the residual stream after each selected block.
+
+        `layers` index blocks 0..L-2 (block L-1 is replaced by the correlation block)."""
+        bad = [layer for layer in layers if not 0 <= layer <= self.num_blocks - 2]
+        if bad:
+            raise S2ClipError(
+                f"CLIP layer(s) {bad} out of range for {self.name}: choose from 0..{self.num_blocks - 2}"
+            )
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        x = self.embed(images)
+        wanted = set(layers)
+        kept: dict[int, Tensor] = {}
+        blocks = self.visual.transformer.resblocks
+        for i in range(max(layers) + 1):
+            x = blocks[i](x)
+            if i in wanted:
+                kept[i] = x
+        ordered = sorted(wanted)
+        return ClipLayerStreams(ordered, [kept[i] for i in ordered], grid)
+
+    def value_tokens(self, stream: Tensor) -> Tensor:
+        """`W_v · LN1(x)` of the last block on the patch tokens: [B, h*w, D]."""
+        last = self.visual.transformer.resblocks[-1]
+        attn: nn.MultiheadAttention = last.attn
+        dim = stream.shape[-1]
+        w_v = attn.in_proj_weight[2 * dim:]
+        b_v = attn.in_proj_bias[2 * dim:] if attn.in_proj_bias is not None else None
+        return F.linear(last.ln_1(stream[:, 1:]), w_v, b_v)
+
+    def project_values(self, mixed: Tensor) -> Tensor:
+        """`W_o`, then ln_post and proj: [B, M, D] -> [B, M, E]."""
+        last = self.visual.transformer.resblocks[-1]
+        y = last.attn.out_proj(mixed)
+        return self.visual.ln_post(y) @ self.visual.proj

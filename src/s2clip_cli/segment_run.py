@@ -1,0 +1,91 @@
+"""`s2clip segment` as a library function: segment files and write mask, overlay and JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .errors import S2ClipError
+from .io import class_shares, make_palette, read_image, save_mask_png, save_overlay, write_json
+from .pipeline.segmenter import Segmenter, SegmenterConfig
+
+
+def output_paths(out_dir: Path, image: Path) -> dict[str, Path]:
+    stem = image.stem
+    return {
+        "mask": out_dir / f"{stem}_mask.png",
+        "overlay": out_dir / f"{stem}_overlay.png",
+        "json": out_dir / f"{stem}.json",
+    }
+
+
+def _check_unique_stems(paths: list[Path]) -> None:
+    seen: dict[str, Path] = {}
+    for path in paths:
+        if path.stem in seen:
+            raise S2ClipError(f"{seen[path.stem]} and {path} would write the same outputs; rename one of them")
+        seen[path.stem] = path
+
+
+def segment_file(seg: Segmenter, path: Path, out_dir: Path) -> dict:
+    """Segment one image file and write its three outputs atomically; returns the JSON record."""
+    image = read_image(path)
+    result = seg(image)
+    labels = seg.queries.labels
+    palette = make_palette(len(labels), seg.queries.has_background)
+    targets = output_paths(out_dir, path)
+    save_mask_png(targets["mask"], result.labels, palette)
+    save_overlay(targets["overlay"], image, result.labels, labels, palette)
+    shares = class_shares(result.labels, len(labels))
+    record = {
+        "image": str(path),
+        "size": [int(image.shape[0]), int(image.shape[1])],
+        "classes": labels,
+        "class_names": seg.queries.class_names,
+        "has_background": seg.queries.has_background,
+        "pixel_share": {name: round(float(s), 6) for name, s in zip(labels, shares, strict=True)},
+        "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
+        "config": {
+            "clip": seg.config.clip, "vfm": seg.config.vfm, "sam": seg.config.sam,
+            "layers": seg.layers, "combine": seg.config.combine, "models": seg.models.mode,
+            "device": str(seg.device),
+        },
+        "outputs": {k: str(v) for k, v in targets.items()},
+    }
+    if seg.models.is_random:
+        record["warning"] = "randomly initialised models: outputs are meaningless"
+    write_json(targets["json"], record)
+    return record
+
+
+def _summary(record: dict, top: int = 4) -> str:
+    shares = sorted(record["pixel_share"].items(), key=lambda kv: -kv[1])
+    parts = [f"{name} {100 * s:.1f}%" for name, s in shares[:top] if s > 0]
+    return ", ".join(parts)
+
+
+def run_segment(paths: list[Path], classes: list[list[str]], background: list[str] | None,
+                config: SegmenterConfig, out_dir: Path, *, console: Console, out: Console) -> int:
+    """Segment every path; returns the number of images that failed (each reported on one line)."""
+    _check_unique_stems(paths)
+    with console.status("loading models and embedding class names…"):
+        seg = Segmenter.build(config, classes, background)
+    failures = 0
+    show_progress = len(paths) > 1
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, disable=not show_progress)
+    with progress:
+        task = progress.add_task("segmenting", total=len(paths))
+        for path in paths:
+            try:
+                record = segment_file(seg, path, out_dir)
+                out.print(f"{path.name} → {record['outputs']['mask']}  ({_summary(record)})", highlight=False)
+            except S2ClipError as exc:
+                if not show_progress:
+                    raise
+                failures += 1
+                console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            progress.advance(task)
+    return failures
