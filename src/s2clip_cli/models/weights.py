@@ -58,6 +58,15 @@ def _hf_candidates(spec: ModelSpec) -> tuple[str, ...]:
     return _HF_ALTERNATIVES.get(spec.hf_filename, (spec.hf_filename,))
 
 
+def _hf_cache_dir() -> str | None:
+    """The hub cache as the environment names it now (huggingface_hub reads it only at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]) / "hub")
+    return None
+
+
 def _hf_cached(spec: ModelSpec) -> Path | None:
     if not spec.hf_repo:
         return None
@@ -66,7 +75,7 @@ def _hf_cached(spec: ModelSpec) -> Path | None:
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         return None
     for filename in _hf_candidates(spec):
-        hit = try_to_load_from_cache(repo_id=spec.hf_repo, filename=filename)
+        hit = try_to_load_from_cache(repo_id=spec.hf_repo, filename=filename, cache_dir=_hf_cache_dir())
         if isinstance(hit, str) and Path(hit).is_file():
             return Path(hit)
     return None
@@ -137,7 +146,7 @@ def download(spec: ModelSpec) -> Path:
         last_error: Exception | None = None
         for filename in _hf_candidates(spec):
             try:
-                path = Path(hf_hub_download(repo_id=spec.hf_repo, filename=filename))
+                path = Path(hf_hub_download(repo_id=spec.hf_repo, filename=filename, cache_dir=_hf_cache_dir()))
                 _check_loadable(path)
                 return path
             except S2ClipError:
