@@ -66,7 +66,8 @@ def test_stream_at_336_uses_resampled_embedding(vit_b16: ClipBackbone) -> None:
 
 def test_correlation_block_matches_direct_formula(vit_b16: ClipBackbone) -> None:
     """y = proj(ln_post(W_o · A · resample(W_v · LN1(x)))) computed the ProxyCLIP way (interpolate the
-    values per head to the VFM grid, then attend) equals our value_tokens/project_values path."""
+    values per head to the VFM grid, attend, then out_proj) equals our path, which fuses W_o into the
+    value projection on the CLIP grid and resamples through a matrix."""
     x = torch.randn(1, 3, 224, 224)
     vfm_feats = torch.randn(1, 32, 28, 28)
     with torch.no_grad():

@@ -66,6 +66,22 @@ def build_clip(spec: ModelSpec, *, weights: str | Path | None, tiny: bool = Fals
     return model.eval()
 
 
+def sdpa_block(block: nn.Module, x: Tensor) -> Tensor:
+    """open_clip's ``ResidualAttentionBlock.forward`` (batch-first, no mask) with its attention
+    computed by ``F.scaled_dot_product_attention`` from the block's own weights — the fused kernel
+    instead of ``nn.MultiheadAttention``'s explicit softmax. Other block types run unchanged."""
+    attn = getattr(block, "attn", None)
+    if not isinstance(attn, nn.MultiheadAttention) or hasattr(block, "ln_1_kv") or not attn.batch_first:
+        return block(x)
+    b, n, d = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+    y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+    x = x + block.ls_1(attn.out_proj(y))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
 @dataclass
 class ClipLayerStreams:
     """Residual streams after the selected blocks, for a batch of windows."""
@@ -148,23 +164,38 @@ class ClipBackbone(nn.Module):
         kept: dict[int, Tensor] = {}
         blocks = self.visual.transformer.resblocks
         for i in range(max(layers) + 1):
-            x = blocks[i](x)
+            x = sdpa_block(blocks[i], x)
             if i in wanted:
                 kept[i] = x
         ordered = sorted(wanted)
         return ClipLayerStreams(ordered, [kept[i] for i in ordered], grid)
 
+    def _fused_value_output(self) -> tuple[Tensor, Tensor | None]:
+        """``W_o·W_v`` and ``W_o·b_v + b_o`` of the last block (cached per device/dtype)."""
+        attn: nn.MultiheadAttention = self.visual.transformer.resblocks[-1].attn
+        w = attn.in_proj_weight
+        cached = getattr(self, "_wov", None)
+        if cached is not None and cached[0].device == w.device and cached[0].dtype == w.dtype:
+            return cached
+        dim = w.shape[1]
+        with torch.no_grad():
+            w_v, w_o = w[2 * dim:], attn.out_proj.weight
+            fused_w = w_o @ w_v
+            b_v = attn.in_proj_bias[2 * dim:] if attn.in_proj_bias is not None else torch.zeros_like(w_v[:, 0])
+            fused_b = w_o @ b_v + (attn.out_proj.bias if attn.out_proj.bias is not None else 0)
+        self._wov = (fused_w, fused_b)
+        return self._wov
+
     def value_tokens(self, stream: Tensor) -> Tensor:
-        """`W_v · LN1(x)` of the last block on the patch tokens: [B, h*w, D]."""
+        """``W_o·(W_v·LN1(x) + b_v) + b_o`` on the patch tokens: [B, h*w, D].
+
+        The correlation block is ``y = W_o·(A·R·v)`` (R: bilinear resampling to the VFM grid). A and
+        R are row-stochastic, so the output projection commutes with them and is applied here, on
+        the coarser CLIP grid, fused with the value projection into one matmul."""
         last = self.visual.transformer.resblocks[-1]
-        attn: nn.MultiheadAttention = last.attn
-        dim = stream.shape[-1]
-        w_v = attn.in_proj_weight[2 * dim:]
-        b_v = attn.in_proj_bias[2 * dim:] if attn.in_proj_bias is not None else None
-        return F.linear(last.ln_1(stream[:, 1:]), w_v, b_v)
+        weight, bias = self._fused_value_output()
+        return F.linear(last.ln_1(stream[:, 1:]), weight, bias)
 
     def project_values(self, mixed: Tensor) -> Tensor:
-        """`W_o`, then ln_post and proj: [B, M, D] -> [B, M, E]."""
-        last = self.visual.transformer.resblocks[-1]
-        y = last.attn.out_proj(mixed)
-        return self.visual.ln_post(y) @ self.visual.proj
+        """ln_post, then proj: the attended values [..., M, D] -> patch embeddings [..., M, E]."""
+        return self.visual.ln_post(mixed) @ self.visual.proj
