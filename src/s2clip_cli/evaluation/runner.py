@@ -1,0 +1,283 @@
+"""The evaluation loop: decode ahead, predict, count, record durably, sum over ranks, report.
+
+The runner knows nothing about models: ``predict_fn(image, image_id)`` gets an H x W x 3 uint8 RGB
+image and returns H x W class indices in the dataset's class index space. Images and labels are
+decoded in DataLoader worker processes while the model works. Each finished image's confusion
+matrix is appended to ``<work_dir>/records/`` (fsync'd), so a rerun skips finished images and ends
+with the same numbers as an uninterrupted run. Under ``torchrun`` the remaining images are split
+over the ranks and the confusion matrices summed with ``torch.distributed``; only rank 0 writes
+``results.json``, ``results.md`` and ``confusion.npy`` (the summed ``[K, K]`` int64 matrix, rows =
+ground truth).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.datasets import SegDataset, default_reader, label_colours
+from ..errors import S2ClipError
+from .distributed import DistContext
+from .metrics import confusion_matrix, summarize
+from .records import RecordLog, RunSignature, rank_log_path, read_all_records, sum_records
+
+PredictFn = Callable[[np.ndarray, str], np.ndarray]
+Reader = Callable[[Path], np.ndarray]
+
+
+@dataclass
+class _Item:
+    """One decoded sample, or the reason it could not be decoded (raised in the main process)."""
+
+    image_id: str
+    image: np.ndarray | None
+    label: np.ndarray | None
+    error: str | None = None
+
+
+class _DecodeSet(torch.utils.data.Dataset):
+    """The samples to evaluate, decoded (image + mapped label) inside DataLoader workers."""
+
+    def __init__(self, dataset: SegDataset, indices: list[int], reader: Reader) -> None:
+        self.dataset, self.indices, self.reader = dataset, indices, reader
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> _Item:
+        i = self.indices[k]
+        image_id = self.dataset.samples[i].id
+        try:
+            image = np.ascontiguousarray(self.reader(self.dataset.image_path(i)))
+            label = self.dataset.load_label(i)
+        except Exception as exc:  # noqa: BLE001 - reported, with the image id, by the main process
+            return _Item(image_id, None, None, str(exc) if isinstance(exc, S2ClipError)
+                         else f"{type(exc).__name__}: {exc}")
+        return _Item(image_id, image, label)
+
+
+def _identity(item: _Item) -> _Item:
+    return item
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _pred_path(preds_dir: Path, image_id: str) -> Path:
+    """``preds/<id>.png``; ids with folders (Cityscapes ``city/name``) keep them, never escaping."""
+    parts = [p for p in image_id.replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    return preds_dir.joinpath(*parts[:-1], f"{parts[-1] if parts else '_'}.png")
+
+
+def save_prediction(path: Path, pred: np.ndarray, num_classes: int) -> None:
+    """A palette PNG of class indices (VOC colours); a 16-bit grey PNG when there are > 256 classes."""
+    if num_classes <= 256:
+        img = Image.fromarray(pred.astype(np.uint8)).convert("P")
+        img.putpalette(label_colours(256).reshape(-1).tolist())
+    else:
+        img = Image.fromarray(pred.astype(np.uint16))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
+    for key, dist in (("open_clip", "open_clip_torch"), ("timm", "timm"), ("segment_anything", "segment-anything"),
+                      ("numpy", "numpy"), ("s2clip", "s2clip")):
+        try:
+            out[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[key] = None
+    return out
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """``results.md``: summary, per-class table and configuration."""
+    s = results["summary"]
+    lines = [f"# s2clip eval — {results['dataset']}", "",
+             f"{results['num_images']} images, {results['num_classes']} classes.", "",
+             "| mIoU | mAcc | aAcc |", "|---:|---:|---:|",
+             f"| {_fmt(s['mIoU'])} | {_fmt(s['mAcc'])} | {_fmt(s['aAcc'])} |", "",
+             "## Per class", "",
+             "n/a: IoU when the class is neither in the ground truth nor predicted, Acc when it has no "
+             "ground-truth pixel; such values are left out of the means.", "",
+             "| class | IoU | Acc |", "|---|---:|---:|"]
+    for name, iou in results["per_class"]["IoU"].items():
+        lines.append(f"| {name} | {_fmt(iou)} | {_fmt(results['per_class']['Acc'][name])} |")
+    lines += ["", "## Configuration", "", f"config hash `{results['config_hash']}`", "", "```json",
+              json.dumps(results["config"], indent=2, sort_keys=True, default=str), "```", "",
+              "## Timings and versions", "", "```json",
+              json.dumps({"timings": results["timings"], "versions": results["versions"]}, indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def _progress(console: Any, enabled: bool, title: str) -> Any:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]} img/s"), TextColumn("mIoU {task.fields[miou]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console or Console(stderr=True), disable=not enabled, transient=False)
+
+
+def evaluate(dataset: SegDataset, predict_fn: PredictFn, *, work_dir: Path, config: dict[str, Any],
+             limit: int | None = None, save_preds: bool = False, num_workers: int = 2, console: Any = None,
+             dist: DistContext | None = None, device: str = "cpu", reader: Reader | None = None) -> dict[str, Any]:
+    """Evaluate ``predict_fn`` on the first ``limit`` samples of ``dataset``; return the results dict.
+
+    ``config`` (JSON-able) is everything that changes predictions: its hash goes into the records'
+    signature, so a work dir holding another configuration's records is refused. ``dist`` defaults
+    to :meth:`DistContext.from_env` with ``device`` choosing NCCL vs gloo (and is then closed here).
+    ``reader`` decodes an image path to H x W x 3 uint8 RGB (default: ``s2clip_cli.io.read_image``
+    when present). With ``save_preds``, palette PNGs of the predictions go to ``work_dir/preds/``
+    (only for images predicted in this run). Every rank returns the same dict; rank 0 also writes
+    ``results.json``, ``results.md`` and ``confusion.npy`` (rows = ground truth) atomically.
+    """
+    if limit is not None and limit < 0:
+        raise S2ClipError(f"--limit must be >= 0, got {limit}")
+    own_dist = dist is None
+    ctx = DistContext.from_env(device) if dist is None else dist
+    try:
+        return _evaluate(dataset, predict_fn, Path(work_dir), config, limit, save_preds, num_workers, console,
+                         ctx, reader or default_reader())
+    finally:
+        if own_dist:
+            ctx.close()
+
+
+def _evaluate(dataset: SegDataset, predict_fn: PredictFn, work_dir: Path, config: dict[str, Any],
+              limit: int | None, save_preds: bool, num_workers: int, console: Any, ctx: DistContext,
+              reader: Reader) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    k, ignore = dataset.num_classes, dataset.preset.ignore_index
+    ids = dataset.sample_ids if limit is None else dataset.sample_ids[:limit]
+    # A preset's data may move; a custom dataset's folders are part of what is being evaluated.
+    identity = {"config": config, "class_names": dataset.class_names,
+                "source": dataset.source if dataset.name == "custom" else None}
+    signature = RunSignature.create(dataset.name, k, identity)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    preds_dir = work_dir / "preds"
+
+    log = RecordLog(rank_log_path(work_dir, ctx.rank), signature)
+    try:
+        done = read_all_records(work_dir, signature)
+        ctx.barrier()  # every rank has read the same records before any rank appends
+        todo = [i for i in ids if i not in done]
+        mine = ctx.shard(todo)
+        index = {sample_id: i for i, sample_id in enumerate(dataset.sample_ids)}
+        loader = torch.utils.data.DataLoader(
+            _DecodeSet(dataset, [index[i] for i in mine], reader), batch_size=None, shuffle=False,
+            num_workers=min(num_workers, len(mine)), collate_fn=_identity,
+            prefetch_factor=2 if min(num_workers, len(mine)) > 0 else None)
+
+        running = sum_records(done, k, ids) if ctx.is_main else np.zeros((k, k), np.int64)
+        predict_s, n_new = 0.0, 0
+        title = f"eval {dataset.name}" + (f" (rank 0 of {ctx.world_size})" if ctx.is_distributed else "")
+        with _progress(console, ctx.is_main, title) as progress:
+            task = progress.add_task("eval", total=len(mine), rate="-", miou=_fmt(summarize(
+                running, dataset.labels)["mIoU"]))
+            t_loop = time.perf_counter()
+            batches = iter(loader)
+            try:
+                for item in batches:
+                    if item.error is not None or item.image is None or item.label is None:
+                        raise S2ClipError(f"{dataset.name} {item.image_id}: {item.error}")
+                    image, label = item.image, item.label
+                    if image.shape[:2] != label.shape:
+                        raise S2ClipError(f"{dataset.name} {item.image_id}: image is {image.shape[1]}x{image.shape[0]} "
+                                          f"but its label is {label.shape[1]}x{label.shape[0]} (EXIF-rotated image?)")
+                    t0 = time.perf_counter()
+                    pred = np.asarray(predict_fn(image, item.image_id))
+                    predict_s += time.perf_counter() - t0
+                    if pred.shape != label.shape:
+                        raise S2ClipError(f"{dataset.name} {item.image_id}: prediction is {pred.shape}, "
+                                          f"label is {label.shape}; predictions must be at the label's size")
+                    conf = confusion_matrix(pred, label, k, ignore)
+                    if save_preds:
+                        save_prediction(_pred_path(preds_dir, item.image_id), pred, k)
+                    log.append(item.image_id, conf)
+                    n_new += 1
+                    if ctx.is_main:
+                        running += conf
+                        elapsed = time.perf_counter() - t_loop
+                        progress.update(task, advance=1, rate=f"{n_new / elapsed:.2f}" if elapsed > 0 else "-",
+                                        miou=_fmt(summarize(running, dataset.labels)["mIoU"]))
+            finally:
+                del batches  # shuts the decode workers down now, even while an exception propagates
+    finally:
+        log.close()
+
+    # Every rank has finished its share: sum the records of a fixed partition of all ids.
+    ctx.barrier()
+    records = read_all_records(work_dir, signature)
+    final_shard = ctx.shard(ids)
+    missing = [i for i in final_shard if i not in records]
+    stats = ctx.all_reduce_sum(np.array([len(missing), n_new, round(predict_s * 1e6)], dtype=np.int64))
+    if stats[0]:
+        raise S2ClipError(f"{int(stats[0])} images have no record after evaluation (first on this rank: "
+                          f"{', '.join(missing[:3]) or 'none'}); rerun with the same --work-dir")
+    total = ctx.all_reduce_sum(sum_records(records, k, final_shard))
+    wall_s = ctx.all_reduce_max(time.perf_counter() - t_start)
+
+    summary = summarize(total, dataset.labels)
+    n_run = int(stats[1])
+    results: dict[str, Any] = {
+        "dataset": dataset.name,
+        "num_classes": k,
+        "num_images": len(ids),
+        "limit": limit,
+        "summary": {key: summary[key] for key in ("mIoU", "mAcc", "aAcc", "num_pixels")},
+        "per_class": {"IoU": summary["IoU"], "Acc": summary["Acc"]},
+        "config": config,
+        "config_hash": signature.config_hash,
+        "versions": _versions(),
+        "timings": {"wall_s": wall_s, "predict_s": stats[2] / 1e6, "images_this_run": n_run,
+                    "images_resumed": len(ids) - n_run, "images_per_s": n_run / wall_s if wall_s > 0 else None,
+                    "world_size": ctx.world_size},
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    if ctx.is_main:
+        text = json.dumps(results, indent=2, default=str) + "\n"
+        atomic_write_bytes(work_dir / "results.json", text.encode("utf-8"))
+        atomic_write_bytes(work_dir / "results.md", results_markdown(results).encode("utf-8"))
+        buf = io.BytesIO()
+        np.save(buf, total)
+        atomic_write_bytes(work_dir / "confusion.npy", buf.getvalue())
+    return results
