@@ -178,6 +178,79 @@ def segment(
         _fail(f"{failures} of {len(paths)} images could not be segmented (see above)", code=1)
 
 
+# ---------------------------------------------------------------------------------------------- eval
+@app.command("eval")
+@user_errors
+def eval_command(
+    dataset: Annotated[str | None, typer.Option(help="Preset (voc21, voc20, context60, context59, coco_object, "
+                                                "coco_stuff164k, cityscapes, ade20k), a comma list, or all.")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Dataset folder in its MMSegmentation layout (with "
+                                                   "--dataset all: the folder holding every dataset).")] = None,
+    images: Annotated[Path | None, typer.Option(help="Generic dataset: folder of images.")] = None,
+    masks: Annotated[Path | None, typer.Option(help="Generic dataset: folder of label PNGs (same stems).")] = None,
+    class_names: Annotated[Path | None, typer.Option(help="Generic dataset: class-name file.")] = None,
+    reduce_zero_label: Annotated[bool, typer.Option(help="Generic dataset: label 0 is ignored, k -> k-1.")] = False,
+    limit: Annotated[int | None, typer.Option(help="Evaluate the first N images only.")] = None,
+    work_dir: Annotated[Path, typer.Option(help="Results and resumable per-image records.")] = Path("runs/eval"),
+    save_preds: Annotated[bool, typer.Option("--save-preds", help="Write palette PNGs of predictions.")] = False,
+    list_datasets: Annotated[bool, typer.Option("--list-datasets", help="Print the preset table and exit.")] = False,
+    no_sam: Annotated[bool, typer.Option("--no-sam", help="Skip the SAM post-processing.")] = False,
+    sam: Annotated[str, typer.Option(help="SAM model: vit_b, vit_l or vit_h.")] = "vit_b",
+    sam_impl: Annotated[str, typer.Option(help="optimized or original.")] = "optimized",
+    no_cca: Annotated[bool, typer.Option("--no-cca", help="Ablation: one prompt per class.")] = False,
+    no_box: Annotated[bool, typer.Option("--no-box", help="Ablation: no box prompts.")] = False,
+    no_mask: Annotated[bool, typer.Option("--no-mask", help="Ablation: no mask prompts.")] = False,
+    no_point: Annotated[bool, typer.Option("--no-point", help="Ablation: no point prompts.")] = False,
+    clip: ClipOpt = "ViT-B/16",
+    vfm: VfmOpt = "dino_vitb8",
+    layers: LayersOpt = None,
+    combine: CombineOpt = "mean",
+    window_batch: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+    num_workers: Annotated[int, typer.Option(help="Image-decoding worker processes.")] = 2,
+    device: DeviceOpt = "auto",
+    models: ModelsOpt = "real",
+    offline: OfflineOpt = False,
+    clip_weights: WeightsOpt = None,
+    vfm_weights: WeightsOpt = None,
+    sam_weights: WeightsOpt = None,
+) -> None:
+    """Evaluate on a benchmark (mIoU, mAcc, aAcc); resumable; shards across ranks under torchrun."""
+    from .config import RefineConfig
+    from .evaluation.eval_run import check_dataset_names, presets_table, run_eval
+    from .models.factory import ModelPaths
+    from .pipeline.segmenter import SegmenterConfig
+
+    if list_datasets:
+        out.print(presets_table())
+        return
+    names = check_dataset_names(dataset, images)
+    if names != ["custom"] and data_root is None:
+        raise S2ClipError("--data-root is required with --dataset")
+    if sam_impl not in ("optimized", "original"):
+        raise S2ClipError(f"unknown --sam-impl {sam_impl!r}: use optimized or original")
+    base = SegmenterConfig(
+        clip=clip, vfm=vfm, sam=None if no_sam else sam, layers=parse_layers(layers), combine=combine,
+        window_batch=window_batch,
+        refine=RefineConfig(impl=sam_impl, use_cca=not no_cca, use_box=not no_box, use_mask=not no_mask,
+                            use_point=not no_point),
+        models=models, device=device, offline=offline,
+        weights=ModelPaths(clip=clip_weights, vfm=vfm_weights, sam=sam_weights),
+    )
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        _warn_random(models)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        results = run_eval(names, data_root, base, work_dir=work_dir, limit=limit, save_preds=save_preds,
+                           num_workers=num_workers, images=images, masks=masks, class_names=class_names,
+                           reduce_zero_label=reduce_zero_label, console=console)
+    if rank == 0:
+        for name, res in zip(names, results, strict=True):
+            s = res["summary"]
+            out.print(f"{name}: mIoU {s['mIoU']:.2f}  mAcc {s['mAcc']:.2f}  aAcc {s['aAcc']:.2f}  "
+                      f"({res.get('num_images', '?')} images) -> {work_dir}", highlight=False)
+
+
 # ---------------------------------------------------------------------------------------------- models
 @models_app.command("list")
 @user_errors
