@@ -106,7 +106,7 @@ def run_eval(dataset_names: list[str], data_root: Path | None, base: SegmenterCo
             models = seg.models  # one set of models for every dataset
             use_sam = cfg.sam is not None
 
-            def predict(image: np.ndarray, image_id: str, seg: Segmenter = seg) -> np.ndarray:
+            def predict(image: np.ndarray, image_id: str, seg: Segmenter = seg, use_sam: bool = use_sam) -> np.ndarray:
                 return seg(image, refine=use_sam).labels
 
             out_dir = work_dir / name if many else work_dir
