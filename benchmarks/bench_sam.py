@@ -19,14 +19,11 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
 from segment_anything import SamPredictor
 
 from s2clip_cli.models.sam import build_sam
-from s2clip_cli.refine.benchmark import benchmark_refinement, synthetic_refine_inputs
+from s2clip_cli.refine.benchmark import benchmark_refinement, report_table, synthetic_refine_inputs
 from s2clip_cli.refine.sam_refine import sam_refine
-
-STAGE_ROWS = ("set_image", "downsample", "components", "prompts", "decode", "mapping", "refine_total")
 
 
 def midpoint_iou(samples, sam, device: torch.device) -> float:
@@ -40,19 +37,6 @@ def midpoint_iou(samples, sam, device: torch.device) -> float:
     ious = sorted(result.scores.float().tolist())
     mid = len(ious) // 2
     return (ious[mid - 1] + ious[mid]) / 2
-
-
-def table(name: str, report: dict) -> Table:
-    med = report["median"]
-    t = Table(title=f"{name}: median seconds per image ({report['samples']} images, {report['device']})")
-    t.add_column("stage")
-    for impl in med:
-        t.add_column(impl, justify="right")
-    for stage in STAGE_ROWS:
-        t.add_row(stage, *(f"{med[impl][stage]:.3f}" for impl in med))
-    t.add_row("prompts passed", *(f"{med[impl]['passed']:.0f}" for impl in med))
-    t.add_row("peak memory (MiB)", *(f"{med[impl]['peak_bytes'] / 2**20:.0f}" for impl in med))
-    return t
 
 
 def main() -> None:
@@ -76,7 +60,7 @@ def main() -> None:
         report = benchmark_refinement(samples, sam, repeats=args.repeats, coarse_thresh=0.2, min_area=225,
                                       mask_coeff=0.005, iou_thresh=thresh)
         results["settings"][name] = report
-        console.print(table(name, report))
+        console.print(report_table(name, report))
         console.print(f"speed-up components {report['speedup']['components']:.1f}x, refinement excluding the "
                       f"image encoder {report['speedup']['refine_excluding_encoder']:.2f}x; label pixels equal "
                       f"{report['agreement']['label_pixels_equal']:.6f}, max |probs diff| "

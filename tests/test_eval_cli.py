@@ -70,3 +70,16 @@ def test_torchrun_two_processes_match_single(voc: Path, tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.load(tmp_path / "two" / "confusion.npy"),
                                   np.load(tmp_path / "one" / "confusion.npy"))
     assert json.loads((tmp_path / "two" / "results.json").read_text())["num_images"] == 4
+
+
+def test_bench_sam_synthetic(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench-sam", "--synthetic", "1", "--models", "tiny", "--device", "cpu",
+                                 "--json", str(out)])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert set(report["pipeline_seconds_per_image"]) == {"no_sam", "original", "optimized"}
+    assert report["refinement"]["agreement"]["label_pixels_equal"] == 1.0
+    assert report["refinement"]["speedup"]["components"] > 1.0
+    bad = runner.invoke(app, ["bench-sam", "--models", "tiny"])
+    assert bad.exit_code != 0 and "exactly one of" in bad.stderr

@@ -251,6 +251,56 @@ def eval_command(
                       f"({res.get('num_images', '?')} images) -> {work_dir}", highlight=False)
 
 
+# ---------------------------------------------------------------------------------------------- bench-sam
+@app.command("bench-sam")
+@user_errors
+def bench_sam(
+    dataset: Annotated[str | None, typer.Option(help="Benchmark preset to take images (and classes) from.")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="The dataset's folder.")] = None,
+    images: Annotated[Path | None, typer.Option(help="A folder of images instead of a dataset.")] = None,
+    synthetic: Annotated[int | None, typer.Option(help="N generated images with coarse maps (fixed seed).")] = None,
+    classes: Annotated[str | None, typer.Option(help="Classes for --images/--synthetic (default: VOC's 20).")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many images.")] = 5,
+    repeats: Annotated[int, typer.Option(help="Timed repeats per image.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed for --synthetic.")] = 0,
+    iou_thresh: Annotated[float, typer.Option(help="Predicted-IoU threshold.")] = 0.8,
+    sam: Annotated[str, typer.Option(help="SAM model: vit_b, vit_l or vit_h.")] = "vit_b",
+    json_out: Annotated[Path, typer.Option("--json", help="Where to write the JSON report.")] = Path(
+        "bench-results/bench-sam.json"),
+    clip: ClipOpt = "ViT-B/16",
+    vfm: VfmOpt = "dino_vitb8",
+    device: DeviceOpt = "auto",
+    models: ModelsOpt = "real",
+    offline: OfflineOpt = False,
+    clip_weights: WeightsOpt = None,
+    vfm_weights: WeightsOpt = None,
+    sam_weights: WeightsOpt = None,
+) -> None:
+    """Time the pipeline without SAM, with the original and with the optimized SAM refinement (Table 4)."""
+    from .data.class_names import parse_class_list, preset_class_names
+    from .models.factory import ModelPaths
+    from .pipeline.segmenter import SegmenterConfig
+    from .refine.bench_command import load_bench_images, run_bench_sam
+
+    given = [x is not None for x in (dataset, images, synthetic)]
+    if sum(given) != 1:
+        raise S2ClipError("give exactly one of --dataset (with --data-root), --images DIR or --synthetic N")
+    if dataset is not None and data_root is None:
+        raise S2ClipError("--data-root is required with --dataset")
+    loaded, ds_classes, ds_background = load_bench_images(images, dataset, data_root, limit)
+    if ds_classes is None:
+        voc = preset_class_names("voc21")
+        ds_classes = parse_class_list(classes) if classes else voc[1:]
+        ds_background = voc[0]
+    cfg = SegmenterConfig(clip=clip, vfm=vfm, sam=sam, models=models, device=device, offline=offline,
+                          weights=ModelPaths(clip=clip_weights, vfm=vfm_weights, sam=sam_weights))
+    _warn_random(models)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        run_bench_sam(cfg, classes=ds_classes, background=ds_background, images=loaded, synthetic=synthetic,
+                      seed=seed, repeats=repeats, iou_thresh=iou_thresh, json_path=json_out, console=out)
+
+
 # ---------------------------------------------------------------------------------------------- models
 @models_app.command("list")
 @user_errors

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.table import Table
 from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 from torch import Tensor
@@ -151,3 +152,20 @@ def benchmark_refinement(samples: list[Sample], sam_model: Sam, *, impls: tuple[
         total = sum(x.numel() for x in labels_by_impl[a])
         report["agreement"] = {"label_pixels_equal": equal / total, "max_prob_abs_diff": max_prob_diff}
     return report
+
+
+STAGE_ROWS = ("set_image", "downsample", "components", "prompts", "decode", "mapping", "refine_total")
+
+
+def report_table(name: str, report: dict) -> Table:
+    """Rich table of `benchmark_refinement`'s medians, one column per implementation."""
+    med = report["median"]
+    t = Table(title=f"{name}: median seconds per image ({report['samples']} images, {report['device']})")
+    t.add_column("stage")
+    for impl in med:
+        t.add_column(impl, justify="right")
+    for stage in STAGE_ROWS:
+        t.add_row(stage, *(f"{med[impl][stage]:.3f}" for impl in med))
+    t.add_row("prompts passed", *(f"{med[impl]['passed']:.0f}" for impl in med))
+    t.add_row("peak memory (MiB)", *(f"{med[impl]['peak_bytes'] / 2**20:.0f}" for impl in med))
+    return t
