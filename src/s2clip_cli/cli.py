@@ -301,6 +301,67 @@ def bench_sam(
                       seed=seed, repeats=repeats, iou_thresh=iou_thresh, json_path=json_out, console=out)
 
 
+# ---------------------------------------------------------------------------------------------- analyses
+def _dataset_list(dataset: str | None) -> list[str]:
+    from .evaluation.eval_run import check_dataset_names
+
+    names = check_dataset_names(dataset, Path(".")) if dataset else []
+    if "custom" in names:
+        raise S2ClipError("analyses take benchmark presets (or --images for entropy)")
+    return names
+
+
+@app.command()
+@user_errors
+def entropy(
+    backbone: Annotated[str, typer.Option(help="CLIP backbone: ViT-B/16, ViT-L/14 or ViT-H/14.")] = "ViT-B/16",
+    dataset: Annotated[str | None, typer.Option(help="Preset(s), comma-separated, or all.")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Dataset folder (with several: their parent).")] = None,
+    images: Annotated[Path | None, typer.Option(help="A folder of images instead of a dataset.")] = None,
+    limit: Annotated[int | None, typer.Option(help="At most N images per dataset.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where JSON, CSV and the heatmap go.")] = Path("runs/entropy"),
+    device: DeviceOpt = "auto",
+    models: ModelsOpt = "real",
+    offline: OfflineOpt = False,
+    clip_weights: WeightsOpt = None,
+) -> None:
+    """Spatial entropy, Gini and channel correlation of every CLIP layer's token map (Algorithm 1, Fig. 4)."""
+    from .analysis.drivers import run_entropy
+
+    names = _dataset_list(dataset)
+    if not names and images is None:
+        raise S2ClipError("give --dataset NAME --data-root DIR, or --images DIR")
+    if names and data_root is None:
+        raise S2ClipError("--data-root is required with --dataset")
+    _warn_random(models)
+    run_entropy(backbone, names, data_root, images_dir=images, limit=limit, out_dir=out_dir, models=models,
+                device=device, offline=offline, weights=clip_weights, console=out)
+
+
+@app.command()
+@user_errors
+def ap(
+    dataset: Annotated[str, typer.Option(help="Preset(s), comma-separated, or all.")],
+    data_root: Annotated[Path, typer.Option(help="Dataset folder (with several: their parent).")],
+    sources: Annotated[str | None, typer.Option(help="Feature sources, e.g. clip:0-10,dino_vitb8,dinov2_vitb14,"
+                                                "sam_vitb16 (the default, with the backbone's layers).")] = None,
+    backbone: Annotated[str, typer.Option(help="CLIP backbone for clip:N sources.")] = "ViT-B/16",
+    pairs: Annotated[int, typer.Option(help="Patch pairs sampled per image and source.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    limit: Annotated[int | None, typer.Option(help="At most N images per dataset.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where JSON and the PR curves go.")] = Path("runs/ap"),
+    device: DeviceOpt = "auto",
+    models: ModelsOpt = "real",
+    offline: OfflineOpt = False,
+) -> None:
+    """Average precision of patch-feature similarity for "same class" per source (Fig. 3)."""
+    from .analysis.drivers import run_ap
+
+    _warn_random(models)
+    run_ap(_dataset_list(dataset), data_root, sources=sources, backbone=backbone, pairs=pairs, seed=seed,
+           limit=limit, out_dir=out_dir, models=models, device=device, offline=offline, console=out)
+
+
 # ---------------------------------------------------------------------------------------------- models
 @models_app.command("list")
 @user_errors

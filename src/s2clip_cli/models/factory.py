@@ -63,6 +63,25 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def load_single(family: str, name: str, *, mode: str = "real", path: str | Path | None = None,
+                offline: bool = False, device: str | torch.device = "cpu") -> nn.Module:
+    """One CLIP (as `ClipBackbone`) or one VFM, for the analyses that need only that model."""
+    if mode not in MODES:
+        raise S2ClipError(f"unknown --models {mode!r}: choose one of {', '.join(MODES)}")
+    spec = registry.clip_spec(name) if family == "clip" else registry.vfm_spec(name)
+    ckpt = weights.resolve(spec, path, offline=offline) if mode == "real" else None
+    if mode != "real":
+        torch.manual_seed(SEED)
+    if family == "clip":
+        model: nn.Module = ClipBackbone(build_clip(spec, weights=ckpt, tiny=mode == "tiny"), spec.name,
+                                        tokenizer_name=spec.arch.replace("-quickgelu", ""))
+    else:
+        from .vfm import build_vfm
+
+        model = build_vfm(spec, weights=ckpt, tiny=mode == "tiny")
+    return model.to(torch.device(device)).eval().requires_grad_(False)
+
+
 def random_warning(mode: str) -> str:
     return RANDOM_WARNING.format(mode="--models " + mode)
 
