@@ -141,7 +141,11 @@ def download(spec: ModelSpec) -> Path:
     """Fetch `spec`'s weights. Hub files go through huggingface_hub (its cache); direct URLs
     go to a temporary file in the weights directory, are checked, then renamed into place."""
     if spec.hf_repo:
+        import logging
+
         from huggingface_hub import hf_hub_download
+
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # errors reach the user as ours
 
         last_error: Exception | None = None
         for filename in _hf_candidates(spec):
@@ -153,7 +157,7 @@ def download(spec: ModelSpec) -> Path:
                 raise
             except Exception as exc:  # noqa: BLE001 - try the next alternative
                 last_error = exc
-        raise S2ClipError(f"could not download {spec.name} from {spec.hf_repo}: {last_error}") from None
+        raise S2ClipError(f"could not download {spec.name} from {spec.hf_repo} ({type(last_error).__name__})") from None
     if not spec.url:  # pragma: no cover - every spec has a source
         raise S2ClipError(f"no download source known for {spec.name}")
     target = weights_dir() / spec.filename
@@ -170,7 +174,7 @@ def download(spec: ModelSpec) -> Path:
         raise
     except Exception as exc:  # noqa: BLE001 - network errors of every kind
         tmp.unlink(missing_ok=True)
-        raise S2ClipError(f"could not download {spec.name} from {spec.url}: {exc}") from None
+        raise S2ClipError(f"could not download {spec.name} from {spec.url} ({type(exc).__name__}: {exc})") from None
     return target
 
 
@@ -184,4 +188,4 @@ def resolve(spec: ModelSpec, explicit: str | Path | None = None, *, offline: boo
     try:
         return download(spec)
     except S2ClipError as exc:
-        raise S2ClipError(f"{exc}; {missing_message(spec)}") from None
+        raise S2ClipError(f"{missing_message(spec)} — {exc}") from None
