@@ -6,7 +6,7 @@ configs); see ``shared/notes/reference-semantics.md``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Proxy attention (DESIGN step 4).
 BETA = 1.2
@@ -60,7 +60,6 @@ class DatasetPreset:
     logit_scale: float = LOGIT_SCALE
     ignore_index: int = IGNORE_INDEX
     description: str = ""
-    layout: dict[str, str] = field(default_factory=dict)
 
 
 PRESETS: dict[str, DatasetPreset] = {

@@ -22,8 +22,9 @@ def proxy_attention(features: Tensor, beta: float = BETA, gamma: float = GAMMA) 
     sim = torch.bmm(f.transpose(1, 2), f)  # [B, N, N]
     logits = (sim - beta * sim.mean(dim=(1, 2), keepdim=True)) * gamma
     masked = logits.masked_fill(logits < 0, float("-inf"))
-    empty = torch.isinf(masked).all(dim=-1)
-    if bool(empty.any()):
+    # A row can only be fully masked if its own (diagonal) logit is; check that cheaply first.
+    if bool((logits.diagonal(dim1=1, dim2=2) < 0).any()):
+        empty = torch.isinf(masked).all(dim=-1)
         eye = torch.eye(masked.shape[-1], dtype=torch.bool, device=masked.device).expand_as(masked)
         masked = torch.where(empty.unsqueeze(-1) & eye, torch.zeros_like(masked), masked)
     return torch.softmax(masked, dim=-1)
