@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from .config import RefineConfig
 from .errors import S2ClipError
 
 app = typer.Typer(
@@ -77,6 +78,22 @@ LayersOpt = Annotated[str | None, typer.Option("--layers", help="CLIP layers to 
                                                "(default: the deeper half, 6-10 for ViT-B/16).")]
 CombineOpt = Annotated[str, typer.Option("--combine", help="How per-layer predictions combine: mean or entropy.")]
 WeightsOpt = Annotated[Path | None, typer.Option(help="Explicit checkpoint file (overrides the search).")]
+NoSamOpt = Annotated[bool, typer.Option("--no-sam", help="Skip the SAM post-processing.")]
+SamOpt = Annotated[str, typer.Option(help="SAM model for post-processing: vit_b, vit_l or vit_h.")]
+SamImplOpt = Annotated[str, typer.Option(help="SAM refinement implementation: optimized or original.")]
+NoCcaOpt = Annotated[bool, typer.Option("--no-cca", help="Ablation: one prompt per class.")]
+NoBoxOpt = Annotated[bool, typer.Option("--no-box", help="Ablation: no box prompts.")]
+NoMaskOpt = Annotated[bool, typer.Option("--no-mask", help="Ablation: no mask prompts.")]
+NoPointOpt = Annotated[bool, typer.Option("--no-point", help="Ablation: no point prompts.")]
+
+
+def refine_config(sam_impl: str, no_cca: bool, no_box: bool, no_mask: bool, no_point: bool,
+                  **thresholds: Any) -> RefineConfig:
+    """The SAM refinement settings of `segment` and `eval` (thresholds left at their defaults unless given)."""
+    if sam_impl not in ("optimized", "original"):
+        raise S2ClipError(f"unknown --sam-impl {sam_impl!r}: use optimized or original")
+    return RefineConfig(impl=sam_impl, use_cca=not no_cca, use_box=not no_box, use_mask=not no_mask,
+                        use_point=not no_point, **thresholds)
 
 
 def parse_layers(spec: str | None) -> list[int] | None:
@@ -118,13 +135,13 @@ def segment(
     vfm: VfmOpt = "dino_vitb8",
     layers: LayersOpt = None,
     combine: CombineOpt = "mean",
-    no_sam: Annotated[bool, typer.Option("--no-sam", help="Skip the SAM post-processing.")] = False,
-    sam: Annotated[str, typer.Option(help="SAM model for post-processing: vit_b, vit_l or vit_h.")] = "vit_b",
-    sam_impl: Annotated[str, typer.Option(help="SAM refinement implementation: optimized or original.")] = "optimized",
-    no_cca: Annotated[bool, typer.Option("--no-cca", help="Ablation: one prompt per class.")] = False,
-    no_box: Annotated[bool, typer.Option("--no-box", help="Ablation: no box prompts.")] = False,
-    no_mask: Annotated[bool, typer.Option("--no-mask", help="Ablation: no mask prompts.")] = False,
-    no_point: Annotated[bool, typer.Option("--no-point", help="Ablation: no point prompts.")] = False,
+    no_sam: NoSamOpt = False,
+    sam: SamOpt = "vit_b",
+    sam_impl: SamImplOpt = "optimized",
+    no_cca: NoCcaOpt = False,
+    no_box: NoBoxOpt = False,
+    no_mask: NoMaskOpt = False,
+    no_point: NoPointOpt = False,
     coarse_thresh: Annotated[float, typer.Option(help="SAM refinement: coarse probability threshold.")] = 0.2,
     iou_thresh: Annotated[float, typer.Option(help="SAM refinement: predicted-IoU threshold.")] = 0.8,
     min_area: Annotated[int, typer.Option(help="SAM refinement: minimal region area (pixels, at half "
@@ -141,7 +158,7 @@ def segment(
     sam_weights: WeightsOpt = None,
 ) -> None:
     """Label every pixel of IMAGES with one of --classes; writes mask, overlay and JSON per image."""
-    from .config import DEFAULT_BACKGROUND, RefineConfig
+    from .config import DEFAULT_BACKGROUND
     from .data.class_names import parse_class_list
     from .io import collect_images, prepare_output_dir
     from .models.factory import ModelPaths
@@ -157,16 +174,14 @@ def segment(
             raise S2ClipError("--background is empty: give names separated by '; ' or use --no-background")
         fg_names = {n.lower() for names in class_list for n in names}
         bg = [name for name in bg if name.lower() not in fg_names]  # a named class wins over background
-    if sam_impl not in ("optimized", "original"):
-        raise S2ClipError(f"unknown --sam-impl {sam_impl!r}: use optimized or original")
+    refine = refine_config(sam_impl, no_cca, no_box, no_mask, no_point, coarse_thresh=coarse_thresh,
+                           min_area=min_area, mask_coeff=mask_coeff, iou_thresh=iou_thresh)
     paths = collect_images(images)
     out_dir = prepare_output_dir(output)
     cfg = SegmenterConfig(
         clip=clip, vfm=vfm, sam=None if no_sam else sam, layers=parse_layers(layers), combine=combine,
         short_side=short_side, stride=stride, prob_thd=threshold if bg else 0.0, window_batch=window_batch,
-        refine=RefineConfig(coarse_thresh=coarse_thresh, min_area=min_area, mask_coeff=mask_coeff,
-                            iou_thresh=iou_thresh, impl=sam_impl, use_cca=not no_cca, use_box=not no_box,
-                            use_mask=not no_mask, use_point=not no_point),
+        refine=refine,
         models=models, device=device, offline=offline,
         weights=ModelPaths(clip=clip_weights, vfm=vfm_weights, sam=sam_weights),
     )
@@ -194,13 +209,13 @@ def eval_command(
     work_dir: Annotated[Path, typer.Option(help="Results and resumable per-image records.")] = Path("runs/eval"),
     save_preds: Annotated[bool, typer.Option("--save-preds", help="Write palette PNGs of predictions.")] = False,
     list_datasets: Annotated[bool, typer.Option("--list-datasets", help="Print the preset table and exit.")] = False,
-    no_sam: Annotated[bool, typer.Option("--no-sam", help="Skip the SAM post-processing.")] = False,
-    sam: Annotated[str, typer.Option(help="SAM model: vit_b, vit_l or vit_h.")] = "vit_b",
-    sam_impl: Annotated[str, typer.Option(help="optimized or original.")] = "optimized",
-    no_cca: Annotated[bool, typer.Option("--no-cca", help="Ablation: one prompt per class.")] = False,
-    no_box: Annotated[bool, typer.Option("--no-box", help="Ablation: no box prompts.")] = False,
-    no_mask: Annotated[bool, typer.Option("--no-mask", help="Ablation: no mask prompts.")] = False,
-    no_point: Annotated[bool, typer.Option("--no-point", help="Ablation: no point prompts.")] = False,
+    no_sam: NoSamOpt = False,
+    sam: SamOpt = "vit_b",
+    sam_impl: SamImplOpt = "optimized",
+    no_cca: NoCcaOpt = False,
+    no_box: NoBoxOpt = False,
+    no_mask: NoMaskOpt = False,
+    no_point: NoPointOpt = False,
     clip: ClipOpt = "ViT-B/16",
     vfm: VfmOpt = "dino_vitb8",
     layers: LayersOpt = None,
@@ -215,7 +230,6 @@ def eval_command(
     sam_weights: WeightsOpt = None,
 ) -> None:
     """Evaluate on a benchmark (mIoU, mAcc, aAcc); resumable; shards across ranks under torchrun."""
-    from .config import RefineConfig
     from .evaluation.eval_run import check_dataset_names, presets_table, run_eval
     from .models.factory import ModelPaths
     from .pipeline.segmenter import SegmenterConfig
@@ -226,13 +240,11 @@ def eval_command(
     names = check_dataset_names(dataset, images)
     if names != ["custom"] and data_root is None:
         raise S2ClipError("--data-root is required with --dataset")
-    if sam_impl not in ("optimized", "original"):
-        raise S2ClipError(f"unknown --sam-impl {sam_impl!r}: use optimized or original")
+    refine = refine_config(sam_impl, no_cca, no_box, no_mask, no_point)
     base = SegmenterConfig(
         clip=clip, vfm=vfm, sam=None if no_sam else sam, layers=parse_layers(layers), combine=combine,
         window_batch=window_batch,
-        refine=RefineConfig(impl=sam_impl, use_cca=not no_cca, use_box=not no_box, use_mask=not no_mask,
-                            use_point=not no_point),
+        refine=refine,
         models=models, device=device, offline=offline,
         weights=ModelPaths(clip=clip_weights, vfm=vfm_weights, sam=sam_weights),
     )
@@ -264,7 +276,7 @@ def bench_sam(
     repeats: Annotated[int, typer.Option(help="Timed repeats per image.")] = 1,
     seed: Annotated[int, typer.Option(help="Seed for --synthetic.")] = 0,
     iou_thresh: Annotated[float, typer.Option(help="Predicted-IoU threshold.")] = 0.8,
-    sam: Annotated[str, typer.Option(help="SAM model: vit_b, vit_l or vit_h.")] = "vit_b",
+    sam: SamOpt = "vit_b",
     json_out: Annotated[Path, typer.Option("--json", help="Where to write the JSON report.")] = Path(
         "bench-results/bench-sam.json"),
     clip: ClipOpt = "ViT-B/16",

@@ -72,13 +72,10 @@ def _samples(dataset_names: list[str], data_root: Path | None, images_dir: Path 
         paths = collect_images([images_dir])[:limit]
         yield images_dir.name, None, paths
         return
-    for name in dataset_names:
-        root = data_root
-        if len(dataset_names) > 1 and data_root is not None:
-            from ..evaluation.eval_run import ALL_SUBDIRS
+    from ..evaluation.eval_run import dataset_root
 
-            root = data_root / ALL_SUBDIRS[name]
-        ds = open_dataset(name, root)
+    for name in dataset_names:
+        ds = open_dataset(name, dataset_root(name, data_root, len(dataset_names) > 1))
         yield name, ds, list(range(len(ds) if limit is None else min(limit, len(ds))))
 
 

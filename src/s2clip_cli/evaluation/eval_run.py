@@ -31,6 +31,11 @@ ALL_SUBDIRS: dict[str, str] = {
 }
 
 
+def dataset_root(name: str, data_root: Path | None, several: bool) -> Path | None:
+    """With several datasets, `data_root` is their parent and each lives in its usual sub-folder."""
+    return data_root / ALL_SUBDIRS[name] if (several and data_root is not None) else data_root
+
+
 def presets_table() -> Table:
     """`s2clip eval --list-datasets`: the preset table."""
     table = Table(title="s2clip evaluation presets")
@@ -93,8 +98,7 @@ def run_eval(dataset_names: list[str], data_root: Path | None, base: SegmenterCo
         # Open every dataset first: a wrong layout is reported before any model is loaded.
         datasets: list[tuple[str, SegDataset]] = []
         for name in dataset_names:
-            root = data_root / ALL_SUBDIRS[name] if (many and data_root is not None) else data_root
-            ds = open_dataset(name, root, images=images, masks=masks, class_names=class_names,
+            ds = open_dataset(name, dataset_root(name, data_root, many), images=images, masks=masks, class_names=class_names,
                               reduce_zero_label=reduce_zero_label)
             datasets.append((name, ds))
         models = None

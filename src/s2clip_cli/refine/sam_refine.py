@@ -198,6 +198,16 @@ def _merge_failed(refined_probs: Tensor, failed_down: Tensor, probs: Tensor) -> 
     return torch.where(failed_probs > refined_probs, failed_probs, refined_probs)
 
 
+
+def _prepare_coarse(labels: Tensor, probs: Tensor, num_classes: int, coarse_thresh: float
+                    ) -> tuple[Tensor, Tensor, list[int], int, bool]:
+    """Steps 1–2, shared by both implementations: downsampled labels (with the extra
+    below-threshold class) and probs, the downsampled size, the channel count and `split_last`."""
+    labels_down, probs_down = _downsample(labels, probs)
+    down_hw = [probs_down.shape[-2], probs_down.shape[-1]]
+    labels_down, n_channels, split_last = _coarse_labels(labels_down, probs_down, num_classes, coarse_thresh)
+    return labels_down, probs_down, down_hw, n_channels, split_last
+
 # ---------------------------------------------------------------------------------- original
 
 
@@ -206,10 +216,8 @@ def _refine_original(image: np.ndarray, labels: Tensor, probs: Tensor, num_class
     """The reference `sam_refinement`, step for step."""
     image_hw = (image.shape[0], image.shape[1])
     with stages("downsample"):
-        labels_down, probs_down = _downsample(labels, probs)
-        down_hw = [probs_down.shape[-2], probs_down.shape[-1]]
-        labels_down, n_channels, split_last = _coarse_labels(labels_down, probs_down, num_classes,
-                                                             opts.coarse_thresh)
+        labels_down, probs_down, down_hw, n_channels, split_last = _prepare_coarse(
+            labels, probs, num_classes, opts.coarse_thresh)
     with stages("components"):
         onehot = F.one_hot(labels_down.squeeze(0), num_classes=n_channels).permute(2, 0, 1).float()
         regions = split_regions(onehot.cpu().numpy(), probs_down, split_last=split_last,
@@ -291,10 +299,8 @@ def _refine_optimized(image: np.ndarray, labels: Tensor, probs: Tensor, num_clas
     image_hw = (image.shape[0], image.shape[1])
     device = probs.device
     with stages("downsample"):
-        labels_down, probs_down = _downsample(labels, probs)
-        down_hw = [probs_down.shape[-2], probs_down.shape[-1]]
-        labels_down, n_channels, split_last = _coarse_labels(labels_down, probs_down, num_classes,
-                                                             opts.coarse_thresh)
+        labels_down, probs_down, down_hw, n_channels, split_last = _prepare_coarse(
+            labels, probs, num_classes, opts.coarse_thresh)
     with stages("components"):
         regions = split_label_map(labels_down[0].cpu().numpy(), n_channels, probs_down,
                                   split_last=split_last, min_area=opts.min_area,
