@@ -13,20 +13,10 @@ import pytest
 from PIL import Image
 
 from s2clip_cli.errors import S2ClipError
-from s2clip_cli.io import (
-    IMAGE_SUFFIXES,
-    atomic_path,
-    class_shares,
-    collect_images,
-    make_palette,
-    prepare_output_dir,
-    read_image,
-    rescale_size,
-    resize_short_side,
-    save_mask_png,
-    save_overlay,
-    write_json,
-)
+from s2clip_cli.io.files import atomic_path, prepare_output_dir, write_json
+from s2clip_cli.io.images import IMAGE_SUFFIXES, collect_images, read_image
+from s2clip_cli.io.outputs import class_shares, make_palette, save_mask_png, save_overlay
+from s2clip_cli.pipeline.transforms import rescale_size, resize_short_side
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (30, 40, 3), dtype=np.uint8)

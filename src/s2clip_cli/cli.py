@@ -160,7 +160,8 @@ def segment(
     """Label every pixel of IMAGES with one of --classes; writes mask, overlay and JSON per image."""
     from .config import DEFAULT_BACKGROUND
     from .data.class_names import parse_class_list
-    from .io import collect_images, prepare_output_dir
+    from .io.files import prepare_output_dir
+    from .io.images import collect_images
     from .models.factory import ModelPaths
     from .pipeline.segmenter import SegmenterConfig
     from .segment_run import run_segment

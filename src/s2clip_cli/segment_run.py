@@ -8,7 +8,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .errors import S2ClipError
-from .io import class_shares, make_palette, read_image, save_mask_png, save_overlay, write_json
+from .io.files import write_json
+from .io.images import read_image
+from .io.outputs import class_shares, make_palette, save_mask_png, save_overlay
 from .pipeline.segmenter import Segmenter, SegmenterConfig
 
 

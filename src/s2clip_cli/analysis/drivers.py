@@ -19,7 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..config import CROP
 from ..data.datasets import SegDataset, open_dataset
 from ..errors import S2ClipError
-from ..io import collect_images, read_image, resize_short_side
+from ..io.images import collect_images, read_image
+from ..pipeline.transforms import resize_short_side
 from ..models.clip import CLIP_MEAN, CLIP_STD, ClipBackbone
 from ..models.factory import load_single, resolve_device
 from ..models.vfm import IMAGENET_MEAN, IMAGENET_STD

@@ -114,9 +114,9 @@ def read_rgb(path: str | Path) -> np.ndarray:
 
 
 def default_reader() -> Callable[[Path], np.ndarray]:
-    """``s2clip_cli.io.read_image`` when present (the CLI's reader), else :func:`read_rgb`."""
+    """``s2clip_cli.io.images.read_image`` when present (the CLI's reader), else :func:`read_rgb`."""
     try:
-        from ..io import read_image
+        from ..io.images import read_image
     except ImportError:
         return read_rgb
     return read_image

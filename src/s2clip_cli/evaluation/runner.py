@@ -165,7 +165,7 @@ def evaluate(dataset: SegDataset, predict_fn: PredictFn, *, work_dir: Path, conf
     ``config`` (JSON-able) is everything that changes predictions: its hash goes into the records'
     signature, so a work dir holding another configuration's records is refused. ``dist`` defaults
     to :meth:`DistContext.from_env` with ``device`` choosing NCCL vs gloo (and is then closed here).
-    ``reader`` decodes an image path to H x W x 3 uint8 RGB (default: ``s2clip_cli.io.read_image``
+    ``reader`` decodes an image path to H x W x 3 uint8 RGB (default: ``s2clip_cli.io.images.read_image``
     when present). With ``save_preds``, palette PNGs of the predictions go to ``work_dir/preds/``
     (only for images predicted in this run). Every rank returns the same dict; rank 0 also writes
     ``results.json``, ``results.md`` and ``confusion.npy`` (rows = ground truth) atomically.

@@ -207,7 +207,7 @@ class Segmenter:
 
     def predict_logits(self, image: np.ndarray, timer: _StageTimer | None = None) -> Tensor:
         """Stitched cosine logits ``[Q, h, w]`` at the resized scale (DESIGN steps 1–5)."""
-        from ..io import resize_short_side
+        from .transforms import resize_short_side
 
         timer = timer or _StageTimer(self.device)
         cfg = self.config

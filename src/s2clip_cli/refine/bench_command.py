@@ -13,7 +13,8 @@ import torch
 from rich.console import Console
 
 from ..errors import S2ClipError
-from ..io import collect_images, read_image, write_json
+from ..io.files import write_json
+from ..io.images import collect_images, read_image
 from ..pipeline.segmenter import Segmenter, SegmenterConfig
 from .benchmark import benchmark_refinement, report_table, synthetic_refine_inputs
 

@@ -1,0 +1,1 @@
+"""Input images (`images`), safe file writing (`files`), result pictures (`outputs`)."""
