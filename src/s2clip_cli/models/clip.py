@@ -1,7 +1,8 @@
 """CLIP through open_clip: building, and the hierarchical feature path of S2CLIP.
 
 `ClipBackbone` wraps an open_clip ``CLIP`` model. Its image path runs the ViT on a window with
-the positional embedding resampled (timm's `resample_abs_pos_embed`) to the window's patch grid,
+the positional embedding resampled to the window's patch grid as the lineage does
+(`pos_embed.resample_pos_embed`: bicubic, scale factor (g + 0.1) / N, no antialias),
 keeps the residual stream after each selected block, and applies the *correlation block* — the
 last block with its attention replaced by a given (proxy) attention, no residual and no MLP — to
 every kept stream.
@@ -17,10 +18,10 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
-from ..errors import S2ClipError
+from ..errors import S2ClipError, first_line
+from .pos_embed import resample_pos_embed
 from .registry import ModelSpec
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -61,8 +62,7 @@ def build_clip(spec: ModelSpec, *, weights: str | Path | None, tiny: bool = Fals
         if weights is not None:
             open_clip.load_checkpoint(model, str(weights), strict=True, weights_only=True)
     except (RuntimeError, ValueError, KeyError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise S2ClipError(f"cannot load CLIP weights {weights} for {spec.name}: {first}") from None
+        raise S2ClipError(f"cannot load CLIP weights {weights} for {spec.name}: {first_line(exc)}") from None
     return model.eval()
 
 
@@ -126,15 +126,13 @@ class ClipBackbone(nn.Module):
     # ------------------------------------------------------------------ image
     @torch.no_grad()
     def positional_embedding(self, grid: tuple[int, int]) -> Tensor:
-        """The class + patch positional embedding resampled to `grid` (bicubic, antialiased, as
-        timm and open_clip resample them), cached per grid."""
+        """The class + patch positional embedding ``[1 + gh·gw, D]`` (float32) resampled to `grid`
+        as ProxyCLIP and Trident do (see `pos_embed`), cached per grid."""
         cached = self._pos_cache.get(grid)
         pos = self.visual.positional_embedding
         if cached is not None and cached.device == pos.device:
             return cached
-        resampled = resample_abs_pos_embed(
-            pos.unsqueeze(0).float(), new_size=list(grid), old_size=list(self.native_grid), num_prefix_tokens=1
-        )[0]
+        resampled = resample_pos_embed(pos, grid, num_prefix_tokens=1)
         self._pos_cache[grid] = resampled
         return resampled
 

@@ -13,7 +13,7 @@ from typing import Literal
 
 from ..errors import S2ClipError
 
-Family = Literal["clip", "vfm", "sam"]
+Family = Literal["clip", "vfm", "sam", "sd"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,16 @@ VFM_SPECS: dict[str, ModelSpec] = {
                   "DINOv2 ViT-B/14 (timm vit_base_patch14_dinov2.lvd142m)",
                   hf_repo="timm/vit_base_patch14_dinov2.lvd142m", hf_filename="model.safetensors",
                   patch_size=14),
+        # DINOv2 with registers: ProxyCLIP's `dinov2_vitb14_reg` (torch hub); timm keeps the class
+        # token's position in the token itself, which is the same computation.
+        ModelSpec("dinov2_vits14_reg", "vfm", "vit_small_patch14_reg4_dinov2.lvd142m", "dinov2_vits14_reg.safetensors",
+                  "DINOv2 ViT-S/14 with 4 registers (timm vit_small_patch14_reg4_dinov2.lvd142m)",
+                  hf_repo="timm/vit_small_patch14_reg4_dinov2.lvd142m", hf_filename="model.safetensors",
+                  patch_size=14),
+        ModelSpec("dinov2_vitb14_reg", "vfm", "vit_base_patch14_reg4_dinov2.lvd142m", "dinov2_vitb14_reg.safetensors",
+                  "DINOv2 ViT-B/14 with 4 registers (timm vit_base_patch14_reg4_dinov2.lvd142m)",
+                  hf_repo="timm/vit_base_patch14_reg4_dinov2.lvd142m", hf_filename="model.safetensors",
+                  patch_size=14),
         # The SAM image encoder as a VFM reads the SAM ViT-B checkpoint.
         ModelSpec("sam_vitb16", "vfm", "vit_b", "sam_vit_b_01ec64.pth",
                   "SAM ViT-B image encoder (segment-anything sam_vit_b_01ec64.pth)",
@@ -90,7 +100,18 @@ SAM_SPECS: dict[str, ModelSpec] = {
     ]
 }
 
-ALL_SPECS: dict[str, ModelSpec] = {**CLIP_SPECS, **VFM_SPECS, **SAM_SPECS}
+# Stable Diffusion (CLIPer's refinement) is a diffusers-format folder, not one file: `filename` names
+# the folder under S2CLIP_WEIGHTS_DIR; `models/sd.py` locates, checks and downloads it.
+SD_SPECS: dict[str, ModelSpec] = {
+    s.name: s
+    for s in [
+        ModelSpec("sd21_base", "sd", "stable-diffusion-2-1-base", "sd21_base",
+                  "Stable Diffusion 2.1 base (diffusers folder: vae, unet, text_encoder, tokenizer, scheduler)",
+                  hf_repo="stabilityai/stable-diffusion-2-1-base", patch_size=8),
+    ]
+}
+
+ALL_SPECS: dict[str, ModelSpec] = {**CLIP_SPECS, **VFM_SPECS, **SAM_SPECS, **SD_SPECS}
 
 
 def _lookup(table: dict[str, ModelSpec], name: str, what: str) -> ModelSpec:

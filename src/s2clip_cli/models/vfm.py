@@ -1,6 +1,10 @@
 """Vision foundation models (the proxy for spatial grouping): DINO/DINOv2 via timm, SAM's image
 encoder via segment-anything. Each returns last-layer patch features ``[B, C, h, w]`` for a batch
-of ImageNet-normalized windows."""
+of ImageNet-normalized windows.
+
+The timm ViTs run timm's own modules, except that the positional embedding is resampled to the
+window's grid as the DINO and DINOv2 hubs do (`pos_embed.resample_pos_embed`), not by timm's
+antialiased resize: our features must match the lineage's."""
 
 from __future__ import annotations
 
@@ -11,9 +15,11 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models import load_state_dict
 from timm.models.vision_transformer import checkpoint_filter_fn
+import torch
 from torch import Tensor, nn
 
-from ..errors import S2ClipError
+from ..errors import S2ClipError, first_line
+from .pos_embed import resample_pos_embed
 from .registry import ModelSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -22,11 +28,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Small timm ViT arguments for `--models tiny` (same VisionTransformer class, fewer/narrower blocks).
 TINY_VIT_KWARGS = {"embed_dim": 64, "depth": 2, "num_heads": 2}
 SAM_INPUT_SIZE = 1024
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class TimmVFM(nn.Module):
@@ -39,12 +40,40 @@ class TimmVFM(nn.Module):
         patch = model.patch_embed.patch_size
         self.patch_size = int(patch[0] if isinstance(patch, tuple | list) else patch)
         self.num_prefix_tokens = int(model.num_prefix_tokens)
+        self._pos_cache: dict[tuple[int, int], Tensor] = {}
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         return height // self.patch_size, width // self.patch_size
 
+    def positional_embedding(self, grid: tuple[int, int]) -> Tensor:
+        """The model's positional embedding resampled to `grid` as the DINO/DINOv2 hubs do (cached):
+        ``[1, P + gh·gw, C]``, P = 0 for models whose embedding skips the prefix tokens (registers)."""
+        cached = self._pos_cache.get(grid)
+        pos = self.model.pos_embed
+        if cached is None or cached.device != pos.device:
+            prefix = 0 if self.model.no_embed_class else self.num_prefix_tokens
+            cached = resample_pos_embed(pos[0].detach(), grid, num_prefix_tokens=prefix)[None]
+            self._pos_cache[grid] = cached
+        return cached
+
+    def tokens(self, images: Tensor) -> Tensor:
+        """All output tokens ``[B, P + h·w, C]`` (timm's `forward_features` with the lineage's
+        positional embedding): patch embedding, prefix tokens, blocks, final norm."""
+        m = self.model
+        x = m.patch_embed(images)  # [B, h, w, C] (dynamic image size)
+        b, gh, gw, c = x.shape
+        x = x.reshape(b, gh * gw, c)
+        pos = self.positional_embedding((gh, gw)).to(x.dtype)
+        prefix = [t.expand(b, -1, -1).to(x.dtype) for t in (m.cls_token, m.reg_token) if t is not None]
+        if m.no_embed_class:
+            x = torch.cat([*prefix, x + pos], dim=1)
+        else:
+            x = torch.cat([*prefix, x], dim=1) + pos
+        x = m.norm_pre(m.patch_drop(m.pos_drop(x)))
+        return m.norm(m.blocks(x))
+
     def forward(self, images: Tensor) -> Tensor:
-        tokens = self.model.forward_features(images)
+        tokens = self.tokens(images)
         h, w = self.grid(images.shape[-2], images.shape[-1])
         patches = tokens[:, self.num_prefix_tokens:]
         return patches.transpose(1, 2).reshape(images.shape[0], -1, h, w)
@@ -91,7 +120,7 @@ def build_timm_vit(spec: ModelSpec, *, weights: str | Path | None, tiny: bool = 
                 )
             model.load_state_dict(state, strict=True)
         except Exception as exc:  # noqa: BLE001 - every failure is a bad checkpoint for the user
-            raise S2ClipError(f"cannot load {spec.name} weights {weights}: {_first_line(exc)}") from None
+            raise S2ClipError(f"cannot load {spec.name} weights {weights}: {first_line(exc)}") from None
     return model.eval()
 
 
