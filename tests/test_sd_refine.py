@@ -70,12 +70,13 @@ def test_propagate_blocked_equals_reference(block_rows: int) -> None:
     assert_rel_close(propagate(maps, coarse, 0.2, block_rows=block_rows), reference_propagate(maps, coarse, 0.2))
 
 
+@pytest.mark.parametrize("block_rows", [None, 10])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_propagate_low_precision_maps(dtype: torch.dtype) -> None:
+def test_propagate_low_precision_maps(dtype: torch.dtype, block_rows: int | None) -> None:
     maps = random_maps(5, 144, seed=2, dtype=dtype)
     coarse = torch.rand(4, 144)
     # CLIPer casts the stored half maps to float32 before normalising: the same reference applies
-    assert_rel_close(propagate(maps, coarse, 0.2), reference_propagate(maps, coarse, 0.2))
+    assert_rel_close(propagate(maps, coarse, 0.2, block_rows=block_rows), reference_propagate(maps, coarse, 0.2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

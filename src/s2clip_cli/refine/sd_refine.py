@@ -240,9 +240,11 @@ def propagate(maps: Tensor, coarse: Tensor, threshold: float, *, block_rows: int
     ``X ← M_k X`` for k = K…1, in float32. Per map, one pass takes the column maxima; then, block of
     rows by block, the rows are divided into one reusable float32 buffer, thresholded in place and
     multiplied by ``[X | 1]`` — the ones column yields the row sums from the same GEMM, and the
-    row normalisation is applied to the ``[N, T]`` result instead of the ``N×N`` map. `maps` (float32,
-    float16 or bfloat16) is never modified; extra memory is one block (at most one ``N×N``) float32
-    buffer. Runs with autocast off.
+    row normalisation is applied to the ``[N, T]`` result instead of the ``N×N`` map. Half-precision
+    maps processed as one block are converted once into the buffer and normalised there in place.
+    `maps` (float32, float16 or bfloat16) is never modified; extra memory is one block (at most one
+    ``N×N``) float32 buffer. `block_rows` overrides the block height (default: the whole map up to
+    N = 8192). Runs with autocast off.
     """
     _check_propagate_inputs(maps, coarse)
     n, t = maps.shape[1], coarse.shape[0]
@@ -254,15 +256,22 @@ def propagate(maps: Tensor, coarse: Tensor, threshold: float, *, block_rows: int
         x[:, :t] = coarse.to(device=device, dtype=torch.float32).T
         y = torch.empty_like(x)
         buf = torch.empty(rows, n, dtype=torch.float32, device=device)
+        convert_whole = rows == n and maps.dtype != torch.float32
         for k in range(maps.shape[0] - 1, -1, -1):
             m = maps[k]
-            denom = m.amax(dim=0).float().add_(EPS)  # column max + eps, [N]
-            for r0 in range(0, n, rows):
-                r1 = min(n, r0 + rows)
-                block = buf[: r1 - r0]
-                torch.div(m[r0:r1], denom, out=block)
-                torch.threshold_(block, thr, 0.0)
-                torch.mm(block, x, out=y[r0:r1])
+            if convert_whole:  # half maps: convert once into the buffer, then work in place
+                buf.copy_(m)
+                torch.div(buf, buf.amax(dim=0).add_(EPS), out=buf)
+                torch.threshold_(buf, thr, 0.0)
+                torch.mm(buf, x, out=y)
+            else:
+                denom = m.amax(dim=0).float().add_(EPS)  # column max + eps, [N]
+                for r0 in range(0, n, rows):
+                    r1 = min(n, r0 + rows)
+                    block = buf[: r1 - r0]
+                    torch.div(m[r0:r1], denom, out=block)
+                    torch.threshold_(block, thr, 0.0)
+                    torch.mm(block, x, out=y[r0:r1])
             # rows: (B X) / (rowsum + eps); the ones column is restored for the next map
             torch.div(y[:, :t], y[:, t:].add_(EPS), out=x[:, :t])
         return x[:, :t].T.contiguous()
