@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from s2clip_cli.analysis.entropy import layer_entropy_weights, spatial_entropy
 from s2clip_cli.errors import S2ClipError
+from s2clip_cli.pipeline.spatial_entropy import layer_entropy_weights, spatial_entropy
 
 
 def _one_hot_by_hand(n: int, eps: float | None = None, scale: float = 1.0) -> tuple[float, float, bool]:

@@ -117,7 +117,7 @@ def test_chunking_does_not_change_results(case, monkeypatch) -> None:
     monkeypatch.setattr(_BatchedDecoder, "run", counting_run)
     for size in (1, 3):
         calls.clear()
-        monkeypatch.setattr(sam_refine_module, "_chunk_size", lambda device, size=size: size)
+        monkeypatch.setattr(sam_refine_module, "_chunk_size", lambda device, image_hw, size=size: size)
         result = sam_refine(*case[:3], C, case[3], min_area=MIN_AREA, iou_thresh=thresh)
         _assert_same(reference, result)
         assert max(calls) == size and sum(calls) == n_prompts

@@ -182,6 +182,7 @@ def segment(
     cfg = SegmenterConfig(
         clip=clip, vfm=vfm, sam=None if no_sam else sam, layers=parse_layers(layers), combine=combine,
         short_side=short_side, stride=stride, prob_thd=threshold if bg else 0.0, window_batch=window_batch,
+        work_resolution="resized", timing=True,
         refine=refine,
         models=models, device=device, offline=offline,
         weights=ModelPaths(clip=clip_weights, vfm=vfm_weights, sam=sam_weights),

@@ -20,13 +20,13 @@ from ..config import CROP
 from ..data.datasets import SegDataset, open_dataset
 from ..errors import S2ClipError
 from ..io.images import collect_images, read_image
-from ..pipeline.transforms import resize_short_side
 from ..models.clip import CLIP_MEAN, CLIP_STD, ClipBackbone
 from ..models.factory import load_single, resolve_device
 from ..models.vfm import IMAGENET_MEAN, IMAGENET_STD
+from ..pipeline.spatial_entropy import spatial_entropy
+from ..pipeline.transforms import resize_short_side
 from ..pipeline.windows import sliding_windows
 from .consistency import APAccumulator, pair_scores, parse_sources, patch_labels, sample_pairs
-from .entropy import spatial_entropy
 from .reports import ap_table, entropy_table, write_ap_outputs, write_entropy_outputs
 
 

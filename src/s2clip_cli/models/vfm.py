@@ -11,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import timm
+import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models import load_state_dict
 from timm.models.vision_transformer import checkpoint_filter_fn
-import torch
 from torch import Tensor, nn
 
 from ..errors import S2ClipError, first_line

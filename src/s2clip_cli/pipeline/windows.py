@@ -1,6 +1,10 @@
-"""Sliding windows with MMSegmentation's slide-inference semantics, and stitching."""
+"""Sliding windows with MMSegmentation's slide-inference semantics, their padded batches, and
+stitching."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -47,3 +51,48 @@ class Stitcher:
         if bool((self.count == 0).any()):
             raise ValueError("windows do not cover the whole image")
         return self.sum / self.count
+
+
+def centred_padding(height: int, width: int, multiple: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) padding that brings a window to a multiple of `multiple`, split as
+    ProxyCLIP's `compute_padsize` splits it (the smaller half first)."""
+    ph, pw = -height % multiple, -width % multiple
+    return ph // 2, ph - ph // 2, pw // 2, pw - pw // 2
+
+
+@dataclass
+class WindowBatch:
+    """A batch of equally sized windows cut from one image."""
+
+    boxes: list[Box]  # each window's place in the image
+    crops: Tensor  # [B, 3, h + pad, w + pad]
+    offset: tuple[int, int]  # (top, left) of the window's pixels inside each padded crop
+
+    def unpad(self, maps: Tensor) -> Tensor:
+        """``[B, C, h + pad, w + pad]`` maps on the padded crops → ``[B, C, h, w]`` on the windows."""
+        y1, x1, y2, x2 = self.boxes[0]
+        top, left = self.offset
+        return maps[..., top:top + y2 - y1, left:left + x2 - x1]
+
+
+def window_batches(image: Tensor, boxes: Sequence[Box], batch_size: int, multiple: int,
+                   fill: Sequence[float]) -> Iterator[WindowBatch]:
+    """Crops of `image` ``[3, H, W]`` at `boxes`, `batch_size` at a time, padded (centred) to a
+    multiple of `multiple` with the colour `fill`.
+
+    The pipeline passes images in [0, 1] and CLIP's mean colour as `fill`: after CLIP's
+    normalisation the padding is exactly zero, as ProxyCLIP pads its normalised windows, and the VFM
+    sees that colour under its own normalisation, as ProxyCLIP's un-normalise/normalise does."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    fill_t = torch.tensor(list(fill), dtype=image.dtype, device=image.device).view(1, 3, 1, 1)
+    for start in range(0, len(boxes), batch_size):
+        chunk = list(boxes[start:start + batch_size])
+        crops = torch.stack([image[:, y1:y2, x1:x2] for y1, x1, y2, x2 in chunk])
+        h, w = crops.shape[-2:]
+        top, bottom, left, right = centred_padding(h, w, multiple)
+        if top or bottom or left or right:
+            padded = fill_t.expand(len(chunk), 3, h + top + bottom, w + left + right).clone()
+            padded[:, :, top:top + h, left:left + w] = crops
+            crops = padded
+        yield WindowBatch(chunk, crops, (top, left))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Any
 
 import numpy as np
@@ -14,6 +13,8 @@ from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 from torch import Tensor
 
+from ..models.precision import autocast, dtype_name
+from ..profiling import PeakMemory, StageTimer
 from .sam_refine import STAGES, sam_refine
 
 Sample = tuple[np.ndarray, Tensor, Tensor]
@@ -42,85 +43,49 @@ def synthetic_refine_inputs(n: int, seed: int, height: int = 448, width: int = 6
     return samples
 
 
-def _status_kib(field: str) -> int:
-    """A ``/proc/self/status`` memory field in KiB (0 where there is no such file)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _timed_set_image(predictor: SamPredictor, image: np.ndarray) -> float:
-    device = predictor.device
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    with torch.no_grad():
+def _timed_set_image(predictor: SamPredictor, image: np.ndarray, encoder_dtype: torch.dtype) -> float:
+    """Seconds of SAM's image encoder on `image`, under the run's precision (as the pipeline runs it)."""
+    timer = StageTimer(predictor.device)
+    with timer("set_image"), torch.no_grad(), autocast(predictor.device, encoder_dtype):
         predictor.set_image(image)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return timer.times["set_image"]
 
 
 def _run_one(sample: Sample, predictor: SamPredictor, impl: str, config: dict[str, Any]) -> tuple[dict, Any]:
     image, labels, probs = sample
     timings: dict[str, float] = {}
     device = predictor.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        _reset_peak_rss()
-        base = _status_kib("VmRSS") * 1024
-    start = time.perf_counter()
-    result = sam_refine(image, labels.to(device), probs.to(device), probs.shape[0], predictor, impl=impl,
-                        timings=timings, **config)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        peak = _status_kib("VmHWM") * 1024 - base
-    timings["refine_total"] = time.perf_counter() - start
-    timings["peak_bytes"] = float(peak)
+    labels, probs = labels.to(device), probs.to(device)
+    timer = StageTimer(device)
+    with PeakMemory(device) as memory, timer("refine_total"):
+        result = sam_refine(image, labels, probs, probs.shape[0], predictor, impl=impl, timings=timings, **config)
+    timings["refine_total"] = timer.times["refine_total"]
+    timings["peak_bytes"] = float(memory.peak_bytes)
     timings["passed"] = float(result.scores.numel())
     return timings, result
 
 
 def benchmark_refinement(samples: list[Sample], sam_model: Sam, *, impls: tuple[str, ...] = ("original", "optimized"),
-                         repeats: int = 1, **config: Any) -> dict[str, Any]:
+                         repeats: int = 1, encoder_dtype: torch.dtype = torch.float32,
+                         **config: Any) -> dict[str, Any]:
     """Median seconds per stage for each implementation, speed-ups, peak memory and agreement.
 
     Stages: ``set_image`` (SAM image encoder), ``downsample`` (steps 1-2), ``components``
     (connected regions, with the one-hot the original builds), ``prompts``, ``decode``,
-    ``mapping`` and ``refine_total`` (everything after the image encoder). Peak memory is
-    ``torch.cuda.max_memory_allocated`` above the start on CUDA; on the CPU, the peak resident
-    set size (VmHWM, reset through ``/proc/self/clear_refs`` before each run) above the resident
-    size at the start (Linux). One untimed warm-up run per implementation comes first.
+    ``mapping`` and ``refine_total`` (everything after the image encoder, which runs under
+    `encoder_dtype`; the decoding is float32 in both). Peak memory per run: see
+    `profiling.PeakMemory`. One untimed warm-up run per implementation comes first.
     Agreement: the share of label pixels equal between the first two implementations.
     """
     predictor = SamPredictor(sam_model)
     per_impl: dict[str, dict[str, list[float]]] = {impl: {} for impl in impls}
     labels_by_impl: dict[str, list[Tensor]] = {impl: [] for impl in impls}
     max_prob_diff = 0.0
-    _timed_set_image(predictor, samples[0][0])
+    _timed_set_image(predictor, samples[0][0], encoder_dtype)
     for impl in impls:  # warm-up: first calls pay for lazy initialisation
         _run_one(samples[0], predictor, impl, config)
     for sample in samples:
-        encoder_time = _timed_set_image(predictor, sample[0])
+        encoder_time = _timed_set_image(predictor, sample[0], encoder_dtype)
         first_result = None
         for impl in impls:
             for _ in range(repeats):
@@ -136,8 +101,8 @@ def benchmark_refinement(samples: list[Sample], sam_model: Sam, *, impls: tuple[
                 max_prob_diff = max(max_prob_diff, diff)
     report: dict[str, Any] = {"config": config, "samples": len(samples), "repeats": repeats,
                               "device": str(predictor.device),
-                              "peak_memory_method": "torch.cuda.max_memory_allocated above start"
-                              if predictor.device.type == "cuda" else "VmHWM (reset per run) above VmRSS at start"}
+                              "encoder_precision": dtype_name(encoder_dtype),
+                              "peak_memory_method": PeakMemory(predictor.device).method}
     stages = ("set_image", *STAGES, "refine_total", "peak_bytes", "passed")
     report["median"] = {impl: {s: statistics.median(per_impl[impl].get(s, [0.0])) for s in stages}
                         for impl in impls}

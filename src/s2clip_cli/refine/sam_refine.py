@@ -17,15 +17,13 @@ probabilities:
 - masks are upscaled (decoder output upscaling and `postprocess_masks`) only for prompts whose
   predicted IoU passes, once, and folded straight into the per-class maxima, so memory does not
   grow with the number of regions;
-- autocast (bfloat16) is used on CUDA only.
+- the decoder runs in float32 (its outputs are thresholded), under any caller's autocast.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +34,8 @@ from segment_anything.modeling import Sam
 from torch import Tensor
 
 from ..errors import S2ClipError
+from ..models.precision import full_precision
+from ..profiling import StageTimer
 from .components import IMPLS, Regions, split_label_map, split_regions
 
 DOWN_RATIO = 2
@@ -58,30 +58,12 @@ class RefineResult:
     boxes: Tensor
 
 
-class _Stages:
-    """Adds wall time per named stage into `timings` (no-op when it is None)."""
-
-    def __init__(self, timings: dict[str, float] | None, device: torch.device) -> None:
-        self.timings = timings
-        self.sync = device.type == "cuda"
-        if timings is not None:
-            for name in STAGES:
-                timings.setdefault(name, 0.0)
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        if self.timings is None:
-            yield
-            return
-        if self.sync:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.sync:
-                torch.cuda.synchronize()
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+def _stages(timings: dict[str, float] | None, device: torch.device) -> StageTimer:
+    """A stage timer adding into `timings` (every stage listed, from 0), a no-op when it is None."""
+    if timings is not None:
+        for name in STAGES:
+            timings.setdefault(name, 0.0)
+    return StageTimer(device, enabled=timings is not None, times=timings)
 
 
 @dataclass(frozen=True)
@@ -111,8 +93,10 @@ def sam_refine(image: np.ndarray, labels: Tensor, probs: Tensor, num_classes: in
     """
     _validate(image, labels, probs, num_classes, predictor, impl, use_box, use_point)
     opts = _Options(coarse_thresh, min_area, mask_coeff, iou_thresh, use_cca, use_box, use_mask, use_point)
-    stages = _Stages(timings, probs.device)
-    with torch.no_grad():
+    stages = _stages(timings, probs.device)
+    # Prompt decoding in float32 whatever the caller's autocast: SAM's mask logits are thresholded
+    # at 0 and its IoU predictions at `iou_thresh`, both sensitive to rounding.
+    with torch.no_grad(), full_precision(probs.device):
         if impl == "original":
             return _refine_original(image, labels, probs, num_classes, predictor, opts, stages)
         return _refine_optimized(image, labels, probs, num_classes, predictor, opts, stages)
@@ -212,7 +196,7 @@ def _prepare_coarse(labels: Tensor, probs: Tensor, num_classes: int, coarse_thre
 
 
 def _refine_original(image: np.ndarray, labels: Tensor, probs: Tensor, num_classes: int,
-                     predictor: SamPredictor, opts: _Options, stages: _Stages) -> RefineResult:
+                     predictor: SamPredictor, opts: _Options, stages: StageTimer) -> RefineResult:
     """The reference `sam_refinement`, step for step."""
     image_hw = (image.shape[0], image.shape[1])
     with stages("downsample"):
@@ -295,7 +279,7 @@ def _map_refinement(masks: Tensor, mask_probs: Tensor, counts: list[tuple[int, i
 
 
 def _refine_optimized(image: np.ndarray, labels: Tensor, probs: Tensor, num_classes: int,
-                      predictor: SamPredictor, opts: _Options, stages: _Stages) -> RefineResult:
+                      predictor: SamPredictor, opts: _Options, stages: StageTimer) -> RefineResult:
     image_hw = (image.shape[0], image.shape[1])
     device = probs.device
     with stages("downsample"):
@@ -311,10 +295,8 @@ def _refine_optimized(image: np.ndarray, labels: Tensor, probs: Tensor, num_clas
         prompts = _build_prompts(regions, probs_down, image_hw, down_hw, predictor, opts)
     decoder = _BatchedDecoder(predictor.model, predictor.features.float())
     state = _MapState(probs)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    with autocast:
-        for chunk in _chunks(prompts.class_ids, _chunk_size(device)):
-            _refine_chunk(chunk, prompts, decoder, predictor, image_hw, opts, state, stages)
+    for chunk in _chunks(prompts.class_ids, _chunk_size(device, image_hw)):
+        _refine_chunk(chunk, prompts, decoder, predictor, image_hw, opts, state, stages)
     if not state.passed_classes:
         return RefineResult(labels, probs, torch.zeros(0, device=device), torch.zeros(0, 4))
     with stages("mapping"):
@@ -355,12 +337,22 @@ def _build_prompts(regions: Regions, probs_down: Tensor, image_hw: tuple[int, in
     return _Prompts(regions.class_ids.to(sparse.device), sparse, mask_prompts)
 
 
-def _chunk_size(device: torch.device) -> int:
-    """Prompts per decoder chunk: bounded, and on CUDA sized to the free memory (~64 MB each)."""
+# Memory for one chunk of prompts at the image's size: each passing prompt's logits, their sigmoid
+# and the product with the class probabilities (about four float32 maps of H×W per prompt).
+CHUNK_BUDGET_CPU = 256 * 2**20
+MAX_CHUNK = 64
+
+
+def _chunk_size(device: torch.device, image_hw: tuple[int, int]) -> int:
+    """Prompts per decoder chunk, sized from the image: a budget (on CUDA, a quarter of the free
+    memory; on the CPU, `CHUNK_BUDGET_CPU`) over four float32 H×W maps per prompt, at most 64."""
+    per_prompt = 4 * 4 * image_hw[0] * image_hw[1] + 4 * 4 * 256 * 256
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(min(64, max(1, free // (2 * 64 * 2**20))))
-    return 8
+        budget = free // 4
+    else:
+        budget = CHUNK_BUDGET_CPU
+    return int(min(MAX_CHUNK, max(1, budget // per_prompt)))
 
 
 def _chunks(class_ids: Tensor, size: int) -> Iterator[slice]:
@@ -401,7 +393,7 @@ class _MapState:
 
 
 def _refine_chunk(chunk: slice, prompts: _Prompts, decoder: _BatchedDecoder, predictor: SamPredictor,
-                  image_hw: tuple[int, int], opts: _Options, state: _MapState, stages: _Stages) -> None:
+                  image_hw: tuple[int, int], opts: _Options, state: _MapState, stages: StageTimer) -> None:
     """Decode one chunk of prompts; fold the passing masks into `state`, note the failing ones."""
     class_ids = prompts.class_ids[chunk]
     groups, group_of = torch.unique_consecutive(class_ids, return_inverse=True)
