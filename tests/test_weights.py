@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from s2clip_cli.errors import S2ClipError
 from s2clip_cli.models import weights
 from s2clip_cli.models.clip import build_clip
 from s2clip_cli.models.factory import ModelPaths, load_models
-from s2clip_cli.models.registry import clip_spec, vfm_spec
+from s2clip_cli.models.registry import ModelSpec, any_spec, clip_spec, vfm_spec
 from s2clip_cli.models.vfm import build_vfm
 
 
@@ -24,6 +26,9 @@ def weights_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     d.mkdir()
     monkeypatch.setenv("S2CLIP_WEIGHTS_DIR", str(d))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no SAM file from torch hub's cache
+    monkeypatch.delenv("S2CLIP_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     return d
 
 
@@ -143,5 +148,225 @@ def test_load_models_real_mode_with_explicit_paths(weights_dir: Path, tmp_path: 
     loaded = load_models("ViT-B/16", "dino_vits16", None, mode="real", offline=True,
                          paths=ModelPaths(clip=clip_file, vfm=dino_file))
     assert not loaded.is_random and loaded.sam is None
-    assert str(clip_file.resolve()) in loaded.identity["ViT-B/16"]
+    assert loaded.identity["ViT-B/16"] == "sha256:" + hashlib.sha256(clip_file.read_bytes()).hexdigest()[:16]
     assert torch.equal(loaded.clip.visual.proj, clip.visual.proj)
+
+
+# --------------------------------------------------------------------------------- several missing, one line
+
+
+def test_everything_missing_is_one_line_with_one_download_command(weights_dir: Path) -> None:
+    """A fresh machine: CLIP, DINO, SAM and SD all missing, reported together (offline)."""
+    with pytest.raises(S2ClipError) as err:
+        load_models("ViT-B/16", "dino_vitb8", "vit_b", sd_name="sd21_base", mode="real", offline=True)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.count("missing weights") == 1
+    for file in ("clip_vit_b16_openai.safetensors", "dino_vitb8.safetensors", "sam_vit_b_01ec64.pth", "sd21_base/"):
+        assert file in msg, file
+    assert msg.count("s2clip models download") == 1
+    assert "`s2clip models download ViT-B/16 dino_vitb8 vit_b sd21_base`" in msg
+    assert str(weights_dir) in msg and "(offline)" in msg
+
+
+def test_failed_downloads_are_reported_together(weights_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tried: list[str] = []
+
+    def no_network(spec: weights.ModelSpec) -> Path:
+        tried.append(spec.name)
+        raise S2ClipError(f"could not download {spec.name} (URLError)")
+
+    monkeypatch.setattr(weights, "download", no_network)
+    # sam_vitb16 reads the SAM ViT-B file: asked for (and named) once.
+    with pytest.raises(S2ClipError) as err:
+        load_models("ViT-B/16", "sam_vitb16", "vit_b", mode="real")
+    msg = str(err.value)
+    assert tried == ["ViT-B/16", "vit_b"]
+    assert "\n" not in msg and "`s2clip models download ViT-B/16 vit_b`" in msg
+    assert "download failed: ViT-B/16: could not download ViT-B/16 (URLError); vit_b:" in msg
+
+
+def test_bad_explicit_path_and_missing_files_in_one_message(weights_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(S2ClipError) as err:
+        load_models("ViT-B/16", "dino_vitb8", None, mode="real", offline=True,
+                    paths=ModelPaths(clip=tmp_path / "typo.safetensors"))
+    msg = str(err.value)
+    assert "\n" not in msg and "typo.safetensors" in msg and "does not exist" in msg
+    assert "`s2clip models download dino_vitb8`" in msg
+
+
+# --------------------------------------------------------------------------------- content identity
+
+
+def test_identity_is_the_content_hash_cached_per_file_version(weights_dir: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[Path] = []
+    digest_file = weights._digest_file
+
+    def counting(path: Path) -> dict[str, str]:
+        reads.append(path)
+        return digest_file(path)
+
+    monkeypatch.setattr(weights, "_digest_file", counting)
+    data = os.urandom(3000)
+    a, b = tmp_path / "node-a" / "clip.safetensors", tmp_path / "node-b" / "weights.bin"
+    for path, mtime_ns in ((a, 1_600_000_000_000_000_000), (b, 1_700_000_000_123_456_789)):
+        path.parent.mkdir()
+        path.write_bytes(data)
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+    expected = "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+    assert weights.content_identity(a) == weights.content_identity(b) == expected
+    assert len(reads) == 2
+    assert weights.content_identity(a) == expected and len(reads) == 2  # cache hit: no read
+    assert (weights_dir / weights.HASH_CACHE_NAME).is_file()
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert weights.content_identity(other) != expected
+    # the file changes: new size / mtime_ns, so it is hashed again
+    a.write_bytes(data + b"x")
+    assert weights.content_identity(a) == "sha256:" + hashlib.sha256(data + b"x").hexdigest()[:16]
+    assert reads.count(a) == 2
+
+
+def test_sd_folder_identity_covers_its_files(weights_dir: Path, tmp_path: Path) -> None:
+    def folder(root: Path, unet: bytes) -> Path:
+        for sub, name, data in (("unet", "diffusion_pytorch_model.safetensors", unet),
+                                ("unet", "config.json", b"{}"), ("vae", "config.json", b"{}"),
+                                ("scheduler", "scheduler_config.json", b"{}")):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+            (root / sub / name).write_bytes(data)
+        (root / "v2-1_512-ema-pruned.ckpt").write_bytes(b"not loaded by s2clip")
+        return root
+
+    one = weights.content_identity(folder(tmp_path / "a", b"weights"))
+    assert one.startswith("sha256:") and len(one) == len("sha256:") + 16
+    assert weights.content_identity(folder(tmp_path / "b", b"weights")) == one
+    assert weights.content_identity(folder(tmp_path / "c", b"weightz")) != one
+    (tmp_path / "a" / "v2-1_512-ema-pruned.ckpt").write_bytes(b"changed")  # outside the SD subfolders
+    assert weights.content_identity(tmp_path / "a") == one
+
+
+def test_random_modes_keep_their_identity_and_sd_is_a_fourth_model(weights_dir: Path) -> None:
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        loaded = load_models("ViT-B/16", "dino_vits16", None, sd_name="sd21_base", mode="tiny")
+    assert loaded.identity == {name: "random-tiny-seed0" for name in ("ViT-B/16", "dino_vits16", "sd21_base")}
+    assert loaded.sd is not None and loaded.sd.mode == "tiny" and loaded.sam is None
+    with pytest.raises(S2ClipError, match="unknown SD model 'sd9'"):
+        load_models(sd_name="sd9", mode="tiny")
+
+
+# --------------------------------------------------------------------------------- SAM name digests
+
+
+def _named_by_md5(folder: Path, data: bytes) -> Path:
+    path = folder / f"sam_vit_b_{hashlib.md5(data).hexdigest()[:6]}.pth"
+    path.write_bytes(data)
+    return path
+
+
+def test_sam_file_checked_against_the_digest_in_its_name(weights_dir: Path, tmp_path: Path) -> None:
+    # The real release names carry their MD5's start (sam_vit_b_01ec64.pth: MD5 01ec64d29a2f…).
+    assert weights.name_digest("sam_vit_b_01ec64.pth") == "01ec64"
+    assert weights.name_digest("dino_vitb8.safetensors") is None
+    data = os.urandom(5000)
+    good = _named_by_md5(tmp_path, data)
+    assert weights.check_name_digest(good) is True
+    corrupt = tmp_path / "corrupt" / good.name
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(data[:-10])  # a truncated download under the release name
+    with pytest.raises(S2ClipError, match="corrupt or incomplete: its MD5 .* does not start with") as err:
+        weights.check_name_digest(corrupt)
+    assert "\n" not in str(err.value)
+    by_sha = tmp_path / f"sam_vit_b_{hashlib.sha256(data).hexdigest()[:6]}.pth"
+    by_sha.write_bytes(data)
+    with pytest.raises(S2ClipError):  # the name's digest is MD5, not sha256
+        weights.check_name_digest(by_sha)
+    assert weights.check_name_digest(tmp_path / "x.pth", "model.pth") is False
+
+
+class _Response(io.BytesIO):
+    """What `urllib.request.urlopen` returns, for a download test without network."""
+
+
+def test_direct_download_checks_the_name_digest_while_streaming(weights_dir: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    data = os.urandom(20000)
+    name = _named_by_md5(tmp_path, data).name
+    spec = ModelSpec("sam_test", "sam", "vit_b", name, "test file", url="https://example.invalid/" + name)
+    served = {"data": data[:-1]}  # first a truncated transfer
+    monkeypatch.setattr(weights.urllib.request, "urlopen", lambda url, timeout: _Response(served["data"]))
+    with pytest.raises(S2ClipError, match="download of sam_test .* is corrupt"):
+        weights.download(spec)
+    assert not any(weights_dir.iterdir())  # neither the file nor a temporary one
+    served["data"] = data
+
+    def no_reads(path: Path) -> dict[str, str]:
+        raise AssertionError(f"{path} read again")
+
+    path = weights.download(spec)
+    assert path == weights_dir / name and path.read_bytes() == data
+    monkeypatch.setattr(weights, "_digest_file", no_reads)  # hashed while streaming: cache hit
+    assert weights.content_identity(path) == "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+    assert sorted(p.name for p in weights_dir.iterdir()) == sorted([name, weights.HASH_CACHE_NAME])
+
+
+# --------------------------------------------------------------------------------- the SD folder family
+
+
+def test_sd_family_through_the_generic_functions(weights_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    from s2clip_cli.models import sd as sdm
+    from s2clip_cli.models.verify import found_specs, verify_spec
+
+    spec = any_spec("sd21_base")
+    assert weights.locate(spec) == weights.Located(None, "missing")
+    assert weights.locate_any is weights.locate and weights.download_any is weights.download
+    with pytest.raises(S2ClipError, match="s2clip models download sd21_base") as err:
+        verify_spec(spec)
+    assert "\n" not in str(err.value)
+    assert spec not in found_specs()
+    monkeypatch.setattr(sdm, "download_sd", lambda: tmp_path / "snapshot")
+    assert weights.download(spec) == tmp_path / "snapshot"
+    assert weights.hf_cache_dir() == str(tmp_path / "hub") and weights._hf_cache_dir is weights.hf_cache_dir
+
+
+# --------------------------------------------------------------------------------- one download per cluster
+
+
+class _StubGroup:
+    """A rank of a 4-rank, 2-node job whose peers always succeed (records the agreements)."""
+
+    is_distributed = True
+
+    def __init__(self, rank: int, local_rank: int) -> None:
+        self.rank, self.local_rank = rank, local_rank
+        self.agreements: list[tuple[bool, bool]] = []
+
+    def failed_ranks(self, ok: bool, *, long_wait: bool = False) -> list[int]:
+        self.agreements.append((ok, long_wait))
+        return [] if ok else [self.rank]
+
+
+@pytest.mark.parametrize(("rank", "local_rank", "downloads"), [(0, 0, 2), (2, 0, 2), (1, 1, 0), (3, 1, 0)])
+def test_prefetch_downloads_on_rank0_and_node_leaders_only(weights_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           rank: int, local_rank: int, downloads: int) -> None:
+    from s2clip_cli.models.factory import prefetch_weights
+
+    fetched: list[str] = []
+
+    def fake_download(spec: ModelSpec) -> Path:
+        fetched.append(spec.name)
+        target = weights_dir / spec.filename
+        save_file({"w": torch.zeros(2)}, str(target))
+        return target
+
+    monkeypatch.setattr(weights, "download", fake_download)
+    group = _StubGroup(rank, local_rank)
+    if downloads:
+        prefetch_weights("ViT-B/16", "dino_vits16", None, group=group)
+        assert fetched == ["ViT-B/16", "dino_vits16"]
+        assert group.agreements == [(True, True)] * 3
+    else:  # the others never download: they find rank 0's files, or report them missing (offline)
+        with pytest.raises(S2ClipError, match=r"missing weights for ViT-B/16, dino_vits16 \(offline\)"):
+            prefetch_weights("ViT-B/16", "dino_vits16", None, group=group)
+        assert fetched == [] and group.agreements == [(True, True), (True, True), (False, True)]
+    prefetch_weights("ViT-B/16", "dino_vits16", None, mode="tiny", group=_StubGroup(0, 0))  # no-op

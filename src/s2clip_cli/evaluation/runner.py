@@ -8,16 +8,23 @@ with the same numbers as an uninterrupted run. Under ``torchrun`` the remaining 
 over the ranks and the confusion matrices summed with ``torch.distributed``; only rank 0 writes
 ``results.json``, ``results.md`` and ``confusion.npy`` (the summed ``[K, K]`` int64 matrix, rows =
 ground truth).
+
+One run per work dir: rank 0 holds an exclusive ``fcntl.flock`` on ``<work_dir>/.lock`` for the whole
+run (the other ranks write only their own record files), so a second ``eval`` on a work dir that a
+live run holds is refused at once; the lock dies with its process, so a stale lock file never blocks.
+A rank that fails stops every rank within a few images (see `distributed.FailureWatch`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import math
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -30,12 +37,14 @@ from PIL import Image
 
 from ..data.datasets import SegDataset, default_reader, label_colours
 from ..errors import S2ClipError
-from .distributed import DistContext
+from .distributed import DistContext, LostContact, PeerFailure, check_points
 from .metrics import confusion_matrix, summarize
 from .records import RecordLog, RunSignature, rank_log_path, read_all_records, sum_records
 
 PredictFn = Callable[[np.ndarray, str], np.ndarray]
 Reader = Callable[[Path], np.ndarray]
+LOCK_NAME = ".lock"
+CHECK_EVERY = 8  # images between failure checks across ranks (distributed runs only)
 
 
 @dataclass
@@ -157,9 +166,40 @@ def _progress(console: Any, enabled: bool, title: str) -> Any:
                     console=console or Console(stderr=True), disable=not enabled, transient=False)
 
 
+@contextlib.contextmanager
+def work_dir_lock(work_dir: Path) -> Iterator[None]:
+    """Hold an exclusive, non-blocking ``flock`` on ``<work_dir>/.lock`` (creating the folder) for the
+    body; `S2ClipError` at once when a live process holds it. The file keeps the holder's pid for the
+    message; the lock, not the file, is what counts (a file left by a killed run does not block)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        yield
+        return
+    work_dir.mkdir(parents=True, exist_ok=True)
+    path = work_dir / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise S2ClipError(f"cannot open the lock file {path}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise S2ClipError(f"work dir {work_dir} is in use by another s2clip eval (pid {holder}); wait for it "
+                              "to finish or use another --work-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def evaluate(dataset: SegDataset, predict_fn: PredictFn, *, work_dir: Path, config: dict[str, Any],
              limit: int | None = None, save_preds: bool = False, num_workers: int = 2, console: Any = None,
-             dist: DistContext | None = None, device: str = "cpu", reader: Reader | None = None) -> dict[str, Any]:
+             dist: DistContext | None = None, device: str = "cpu", reader: Reader | None = None,
+             check_every: int = CHECK_EVERY) -> dict[str, Any]:
     """Evaluate ``predict_fn`` on the first ``limit`` samples of ``dataset``; return the results dict.
 
     ``config`` (JSON-able) is everything that changes predictions: its hash goes into the records'
@@ -169,22 +209,57 @@ def evaluate(dataset: SegDataset, predict_fn: PredictFn, *, work_dir: Path, conf
     when present). With ``save_preds``, palette PNGs of the predictions go to ``work_dir/preds/``
     (only for images predicted in this run). Every rank returns the same dict; rank 0 also writes
     ``results.json``, ``results.md`` and ``confusion.npy`` (rows = ground truth) atomically.
+
+    Rank 0 holds ``work_dir``'s lock for the run (a second run on it is refused at once). Under
+    several ranks, every ``check_every`` images the ranks exchange a failure flag: when one rank
+    raises, every rank raises (`distributed.PeerFailure` on the others) within two check intervals.
     """
     if limit is not None and limit < 0:
         raise S2ClipError(f"--limit must be >= 0, got {limit}")
+    if check_every < 1:
+        raise S2ClipError(f"check_every must be >= 1, got {check_every}")
     own_dist = dist is None
     ctx = DistContext.from_env(device) if dist is None else dist
+    work_dir = Path(work_dir)
     try:
-        return _evaluate(dataset, predict_fn, Path(work_dir), config, limit, save_preds, num_workers, console,
-                         ctx, reader or default_reader())
+        with contextlib.ExitStack() as stack:
+            # Only rank 0 locks; every rank learns whether it got the lock before going on.
+            _agreed(ctx, lambda: stack.enter_context(work_dir_lock(work_dir)) if ctx.is_main else None)
+            return _evaluate(dataset, predict_fn, work_dir, config, limit, save_preds, num_workers, console,
+                             ctx, reader or default_reader(), check_every)
     finally:
         if own_dist:
             ctx.close()
 
 
+def _agreed(ctx: DistContext, step: Callable[[], Any]) -> Any:
+    """Run ``step`` on every rank, then agree: if any rank failed, every rank raises (the failing
+    ranks their own error, the others `PeerFailure`). Returns ``step``'s result."""
+    try:
+        result = step()
+    except BaseException:
+        with contextlib.suppress(LostContact):
+            ctx.failed_ranks(False)  # the others raise PeerFailure; this rank raises its own error
+        raise
+    failed = ctx.failed_ranks(True)
+    if failed:
+        raise PeerFailure(failed)
+    return result
+
+
+def _open_records(work_dir: Path, rank: int, signature: RunSignature) -> tuple[RecordLog, dict[str, Any]]:
+    """This rank's record file (open for appending) and every rank's records read so far."""
+    log = RecordLog(rank_log_path(work_dir, rank), signature)
+    try:
+        return log, read_all_records(work_dir, signature)
+    except BaseException:
+        log.close()
+        raise
+
+
 def _evaluate(dataset: SegDataset, predict_fn: PredictFn, work_dir: Path, config: dict[str, Any],
               limit: int | None, save_preds: bool, num_workers: int, console: Any, ctx: DistContext,
-              reader: Reader) -> dict[str, Any]:
+              reader: Reader, check_every: int) -> dict[str, Any]:
     t_start = time.perf_counter()
     k, ignore = dataset.num_classes, dataset.preset.ignore_index
     ids = dataset.sample_ids if limit is None else dataset.sample_ids[:limit]
@@ -195,11 +270,12 @@ def _evaluate(dataset: SegDataset, predict_fn: PredictFn, work_dir: Path, config
     work_dir.mkdir(parents=True, exist_ok=True)
     preds_dir = work_dir / "preds"
 
-    log = RecordLog(rank_log_path(work_dir, ctx.rank), signature)
+    # Every rank has opened its own file and read the same records before any rank appends.
+    log, done = _agreed(ctx, lambda: _open_records(work_dir, ctx.rank, signature))
+    watch = ctx.failure_watch("finished images are kept: rerun with the same --work-dir to resume")
     try:
-        done = read_all_records(work_dir, signature)
-        ctx.barrier()  # every rank has read the same records before any rank appends
         todo = [i for i in ids if i not in done]
+        longest_shard = math.ceil(len(todo) / ctx.world_size)
         mine = ctx.shard(todo)
         index = {sample_id: i for i, sample_id in enumerate(dataset.sample_ids)}
         loader = torch.utils.data.DataLoader(
@@ -234,6 +310,8 @@ def _evaluate(dataset: SegDataset, predict_fn: PredictFn, work_dir: Path, config
                         save_prediction(_pred_path(preds_dir, item.image_id), pred, k)
                     log.append(item.image_id, conf)
                     n_new += 1
+                    if n_new % check_every == 0:
+                        watch.post()  # raises PeerFailure when another rank has failed
                     if ctx.is_main:
                         running += conf
                         elapsed = time.perf_counter() - t_loop
@@ -241,11 +319,18 @@ def _evaluate(dataset: SegDataset, predict_fn: PredictFn, work_dir: Path, config
                                         miou=_fmt(summarize(running, dataset.labels)["mIoU"]))
             finally:
                 del batches  # shuts the decode workers down now, even while an exception propagates
+        # The checks a longer shard posts, then one that every rank waits for: past it, every rank
+        # is alive and done, so the final collectives below wait for nobody.
+        watch.finish(check_points(longest_shard, check_every))
+    except (PeerFailure, LostContact):
+        raise  # nothing to tell the others: they know, or they are gone
+    except BaseException:
+        watch.abort()  # the other ranks stop at their next check
+        raise
     finally:
         log.close()
 
     # Every rank has finished its share: sum the records of a fixed partition of all ids.
-    ctx.barrier()
     records = read_all_records(work_dir, signature)
     final_shard = ctx.shard(ids)
     missing = [i for i in final_shard if i not in records]

@@ -1,9 +1,14 @@
-"""Load the CLIP / VFM / SAM triple a run needs, with real, tiny or full-size random weights.
+"""Load the models a run needs — CLIP, a VFM, optionally SAM and Stable Diffusion — with real, tiny or
+full-size random weights.
 
-`--models real` (default) resolves checkpoints (see `weights.py`) and never falls back to random
-weights. `--models tiny` builds small random models of the same architecture families through the
-same builders; `--models random` builds the full-size architectures with random weights (timing).
-Both of the latter print a warning on every run: their outputs are meaningless.
+`--models real` (default) resolves every checkpoint first (see `weights.py`; all missing ones are
+reported in one line with one download command) and never falls back to random weights.
+`--models tiny` builds small random models of the same architecture families through the same
+builders; `--models random` builds the full-size architectures with random weights (timing). Both
+of the latter print a warning on every run: their outputs are meaningless.
+
+``LoadedModels.identity`` names each model's weights for resume signatures and the text cache:
+``sha256:<16 hex>`` of the checkpoint's content for real weights, ``random-<mode>-seed0`` otherwise.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -37,15 +42,22 @@ class ModelPaths:
     clip: str | Path | None = None
     vfm: str | Path | None = None
     sam: str | Path | None = None
+    sd: str | Path | None = None  # the SD diffusers folder
 
 
 @dataclass
 class LoadedModels:
+    """The built models (eval mode, no gradients, on the run's device) and what their weights are.
+
+    sd: `models.sd.SDModels` when an SD model was asked for, else None. identity: model name →
+    ``sha256:<16 hex>`` (real weights) or ``random-<mode>-seed0``."""
+
     clip: ClipBackbone
     vfm: nn.Module
     sam: nn.Module | None
     mode: str
-    identity: dict[str, str] = field(default_factory=dict)  # name -> checkpoint path or "random"
+    identity: dict[str, str] = field(default_factory=dict)
+    sd: Any = None
 
     @property
     def is_random(self) -> bool:
@@ -86,59 +98,111 @@ def random_warning(mode: str) -> str:
     return RANDOM_WARNING.format(mode="--models " + mode)
 
 
+def _sd_spec(name: str) -> registry.ModelSpec:
+    spec = registry.SD_SPECS.get(name)
+    if spec is None:
+        raise S2ClipError(f"unknown SD model {name!r}; choose one of: {', '.join(registry.SD_SPECS)}")
+    return spec
+
+
+def weight_requests(clip_name: str, vfm_name: str, sam_name: str | None, *, sd_name: str | None = None,
+                    paths: ModelPaths | None = None) -> list[weights.Request]:
+    """``(spec, explicit path)`` for every checkpoint a run of these models reads (unknown names are
+    `S2ClipError`s). The SAM ViT-B file serves `sam_vitb16` too, so it is asked for once."""
+    paths = paths or ModelPaths()
+    vfm_spec = registry.vfm_spec(vfm_name)
+    requests: list[weights.Request] = [(registry.clip_spec(clip_name), paths.clip)]
+    sam_spec = registry.sam_spec(sam_name) if sam_name else None
+    if not (_vfm_is_sam_encoder(vfm_spec, sam_spec) and paths.vfm is None):
+        requests.append((vfm_spec, paths.vfm))
+    if sam_spec is not None:
+        requests.append((sam_spec, paths.sam))
+    if sd_name:
+        requests.append((_sd_spec(sd_name), paths.sd))
+    return requests
+
+
+def _vfm_is_sam_encoder(vfm_spec: registry.ModelSpec, sam_spec: registry.ModelSpec | None) -> bool:
+    return vfm_spec.name == "sam_vitb16" and sam_spec is not None and sam_spec.name == "vit_b"
+
+
+def prefetch_weights(clip_name: str, vfm_name: str, sam_name: str | None, *, sd_name: str | None = None,
+                     mode: str = "real", paths: ModelPaths | None = None, offline: bool = False,
+                     group: weights.RankGroup | None = None) -> None:
+    """Under several ranks, fetch a run's checkpoints once before any rank builds a model: rank 0
+    downloads (each node's local rank 0 on nodes that do not share its weights dir) and hashes
+    while the others wait, then every rank finds the files (`weights.resolve_collectively`).
+    Call it on every rank, after the process group exists and before `load_models`. No-op for
+    random modes."""
+    if mode not in MODES:
+        raise S2ClipError(f"unknown --models {mode!r}: choose one of {', '.join(MODES)}")
+    requests = weight_requests(clip_name, vfm_name, sam_name, sd_name=sd_name, paths=paths)
+    if mode == "real":
+        weights.resolve_collectively(requests, offline=offline, group=group)
+
+
 def load_models(
     clip_name: str = "ViT-B/16",
     vfm_name: str = "dino_vitb8",
     sam_name: str | None = "vit_b",
     *,
+    sd_name: str | None = None,
     mode: str = "real",
     paths: ModelPaths | None = None,
     offline: bool = False,
     device: str | torch.device = "cpu",
+    sd_dtype: torch.dtype = torch.float32,
 ) -> LoadedModels:
-    """Build the models of a run on `device` in eval mode."""
+    """Build the models of a run on `device` in eval mode (`sd_name`, e.g. ``"sd21_base"``, adds
+    Stable Diffusion, in `sd_dtype`). Every checkpoint is resolved before anything is built; all
+    the missing ones are one `S2ClipError` line."""
     if mode not in MODES:
         raise S2ClipError(f"unknown --models {mode!r}: choose one of {', '.join(MODES)}")
     paths = paths or ModelPaths()
     clip_spec = registry.clip_spec(clip_name)
     vfm_spec = registry.vfm_spec(vfm_name)
     sam_spec = registry.sam_spec(sam_name) if sam_name else None
+    sd_spec = _sd_spec(sd_name) if sd_name else None
     tiny = mode == "tiny"
+    requests = weight_requests(clip_name, vfm_name, sam_name, sd_name=sd_name, paths=paths)
+    checkpoints: dict[str, Path | None] = {}
     identity: dict[str, str] = {}
-
-    def checkpoint(spec: registry.ModelSpec, explicit: str | Path | None) -> Path | None:
-        if mode != "real":
+    if mode == "real":
+        resolved = weights.resolve_all(requests, offline=offline)
+        for (spec, _), path in zip(requests, resolved, strict=True):
+            checkpoints[spec.name] = path
+            identity[spec.name] = weights.content_identity(path)
+        if vfm_spec.name not in identity:  # sam_vitb16 served by the SAM ViT-B file
+            identity[vfm_spec.name] = identity[sam_spec.name] if sam_spec else ""
+    else:
+        for spec, _ in requests:
             identity[spec.name] = f"random-{mode}-seed{SEED}"
-            return None
-        path = weights.resolve(spec, explicit, offline=offline)
-        stat = path.stat()
-        identity[spec.name] = f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
-        return path
-
-    # Resolve every file first, so a missing one is reported before anything heavy is built.
-    clip_ckpt = checkpoint(clip_spec, paths.clip)
-    vfm_ckpt = checkpoint(vfm_spec, paths.vfm)
-    sam_ckpt = checkpoint(sam_spec, paths.sam) if sam_spec else None
-    if mode != "real":
+        identity.setdefault(vfm_spec.name, f"random-{mode}-seed{SEED}")
         warnings.warn(random_warning(mode), stacklevel=2)
         torch.manual_seed(SEED)
 
     from .vfm import SamEncoderVFM, build_vfm
 
-    clip_model = build_clip(clip_spec, weights=clip_ckpt, tiny=tiny)
+    clip_model = build_clip(clip_spec, weights=checkpoints.get(clip_spec.name), tiny=tiny)
     tokenizer_name = clip_spec.arch.replace("-quickgelu", "")
     clip = ClipBackbone(clip_model, clip_spec.name, tokenizer_name=tokenizer_name)
     sam = None
     if sam_spec is not None:
         from .sam import build_sam
 
-        sam = build_sam(sam_spec.arch, tiny=tiny, checkpoint=sam_ckpt)
-    if vfm_spec.name == "sam_vitb16" and sam is not None and sam_spec is not None and sam_spec.name == "vit_b":
+        sam = build_sam(sam_spec.arch, tiny=tiny, checkpoint=checkpoints.get(sam_spec.name))
+    if sam is not None and _vfm_is_sam_encoder(vfm_spec, sam_spec) and paths.vfm is None:
         vfm: nn.Module = SamEncoderVFM(sam.image_encoder)  # one SAM ViT-B serves both roles
     else:
-        vfm = build_vfm(vfm_spec, weights=vfm_ckpt, tiny=tiny)
+        vfm = build_vfm(vfm_spec, weights=checkpoints.get(vfm_spec.name), tiny=tiny)
     device = torch.device(device)
     for module in (clip, vfm, sam):
         if module is not None:
             module.to(device).eval().requires_grad_(False)
-    return LoadedModels(clip=clip, vfm=vfm, sam=sam, mode=mode, identity=identity)
+    sd = None
+    if sd_spec is not None:
+        from .sd import build_sd
+
+        sd = build_sd(tiny=tiny, random=mode == "random", path=checkpoints.get(sd_spec.name), offline=True,
+                      device=device, dtype=sd_dtype)
+    return LoadedModels(clip=clip, vfm=vfm, sam=sam, mode=mode, identity=identity, sd=sd)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +12,8 @@ import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import Tensor
 
+from ..errors import one_line
+from ..io.files import atomic_path
 from ..models.clip import ClipBackbone
 from ..models.weights import weights_dir
 
@@ -63,9 +64,27 @@ def text_cache_dir() -> Path:
     return weights_dir() / "text-cache"
 
 
+_warned_dirs: set[Path] = set()  # cache folders whose write failure was already reported
+
+
+def _save_cached(path: Path, embeddings: Tensor) -> None:
+    """Write a cache entry atomically; on any failure (a full disk makes `torch.save` raise
+    RuntimeError, not OSError) warn once per folder and carry on — the temporary file is removed."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            torch.save(embeddings, tmp)
+    except Exception as exc:  # noqa: BLE001 - an unwritable cache only costs time
+        if path.parent not in _warned_dirs:
+            _warned_dirs.add(path.parent)
+            warnings.warn(f"cannot write the text-embedding cache in {path.parent} ({type(exc).__name__}: "
+                          f"{one_line(exc)[:200]}); class names are embedded again on every run",
+                          RuntimeWarning, stacklevel=3)
+
+
 def encode_names(clip: ClipBackbone, names: list[str], model_identity: str | None) -> Tensor:
     """``[len(names), E]`` unit text embeddings, from the disk cache when this model (identified
-    by its checkpoint) already embedded these names. `model_identity=None` disables the cache."""
+    by its weights' content) already embedded these names. `model_identity=None` disables the cache."""
     path = text_cache_dir() / f"{_cache_key(model_identity, names)}.pt" if model_identity else None
     if path is not None and path.is_file():
         try:
@@ -76,12 +95,5 @@ def encode_names(clip: ClipBackbone, names: list[str], model_identity: str | Non
             pass
     embeddings = clip.encode_text_names(names, TEMPLATES).cpu()
     if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
-            os.close(fd)
-            torch.save(embeddings, tmp)
-            os.replace(tmp, path)
-        except OSError:
-            pass  # an unwritable cache only costs time
+        _save_cached(path, embeddings)
     return embeddings
