@@ -17,6 +17,7 @@ os.environ["S2CLIP_WEIGHTS_DIR"] = os.path.join(_ROOT, "weights")
 os.environ["HF_HOME"] = os.path.join(_ROOT, "hf")
 os.environ["HF_HUB_CACHE"] = os.path.join(_ROOT, "hf", "hub")
 os.environ["TORCH_HOME"] = os.path.join(_ROOT, "torch")
+os.environ["S2CLIP_DATA_DIR"] = os.path.join(_ROOT, "data")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 

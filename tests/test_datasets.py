@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from s2clip_cli.config import PRESETS
 from s2clip_cli.data.class_names import load_class_names, parse_class_list, preset_class_names
-from s2clip_cli.data.datasets import LAYOUTS, open_dataset, read_label, read_rgb
+from s2clip_cli.data.datasets import open_dataset, read_label
+from s2clip_cli.data.presets import PRESETS
 from s2clip_cli.data.synthetic import write_synthetic_dataset, write_synthetic_generic
 from s2clip_cli.errors import S2ClipError
+from s2clip_cli.io.images import read_image
 
 MIRROR = Path("/work/.mirror/YuHengsss+Trident/repo")
 LINEAGE_FILES = {"voc21": "voc21", "voc20": "voc20", "context60": "context60", "context59": "context59",
@@ -34,7 +35,7 @@ def test_synthetic_preset_loads_with_its_label_mapping(tmp_path: Path, name: str
     assert ds.name == name and ds.preset is preset and len(ds) == 3 and len(ds.sample_ids) == 3
     assert len(ds.class_names) == preset.num_classes
     for i in range(len(ds)):
-        layout = LAYOUTS[name]
+        layout = PRESETS[name].layout
         assert ds.image_path(i).name.endswith(layout.img_suffix)
         assert str(ds.label_path(i)).endswith(layout.seg_suffix) and layout.ann_dir in str(ds.label_path(i))
         raw = _raw(ds.label_path(i))
@@ -48,7 +49,7 @@ def test_synthetic_preset_loads_with_its_label_mapping(tmp_path: Path, name: str
         valid = label[label != 255]
         assert valid.size and valid.max() < preset.num_classes
         assert (label == 255).any()
-        image = read_rgb(ds.image_path(i))
+        image = read_image(ds.image_path(i))
         assert image.shape == (40, 56, 3) and image.dtype == np.uint8
 
 
@@ -79,7 +80,7 @@ def test_head_subset_and_limit(tmp_path: Path) -> None:
         ds.subset(["nope"])
 
 
-REQUIRED = [(name, entry) for name in PRESETS for entry in LAYOUTS[name].required()]
+REQUIRED = [(name, entry) for name in PRESETS for entry in PRESETS[name].layout.required()]
 
 
 @pytest.mark.parametrize(("name", "entry"), REQUIRED)
@@ -92,7 +93,7 @@ def test_wrong_layout_names_expected_and_missing(tmp_path: Path, name: str, entr
     msg = str(info.value)
     assert "\n" not in msg
     assert msg.startswith(f"{name}: expected {root / entry.rstrip('/')} (")
-    assert LAYOUTS[name].title in msg and all(e in msg for e in LAYOUTS[name].required())
+    assert PRESETS[name].layout.title in msg and all(e in msg for e in PRESETS[name].layout.required())
     assert msg.endswith(f"missing: {entry}")
 
 

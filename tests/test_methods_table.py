@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import s2clip_cli.methods as methods_module
-from s2clip_cli.config import PRESETS
 from s2clip_cli.data.class_names import read_class_file
+from s2clip_cli.data.presets import PRESETS
 from s2clip_cli.methods import (
     LAYER_POLICIES,
     METHODS,
@@ -126,4 +126,4 @@ def test_methods_module_is_pure_data() -> None:
             imported |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
             imported.add("." * node.level + (node.module or ""))
-    assert imported <= {"__future__", "collections.abc", "dataclasses", "types", "typing", ".config"}, imported
+    assert imported <= {"__future__", "collections.abc", "dataclasses", "types", "typing", ".config", ".data.presets"}, imported

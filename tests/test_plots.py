@@ -14,9 +14,10 @@ from matplotlib import colormaps
 from PIL import Image
 from rich.console import Console
 
-from s2clip_cli.analysis.plots import HEATMAP_CMAP, atomic_write, entropy_heatmap, pr_curves
+from s2clip_cli.analysis.plots import HEATMAP_CMAP, entropy_heatmap, pr_curves
 from s2clip_cli.analysis.reports import ap_table, entropy_table, write_ap_outputs, write_entropy_outputs
 from s2clip_cli.errors import S2ClipError
+from s2clip_cli.io.files import atomic_path
 
 
 def _assert_png(path: Path) -> None:
@@ -104,12 +105,9 @@ def test_atomic_write_leaves_target_untouched_on_error(tmp_path: Path) -> None:
     target = tmp_path / "f.txt"
     target.write_text("old")
 
-    def boom(fh) -> None:  # type: ignore[no-untyped-def]
-        fh.write(b"partial")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:  # the one atomic writer (io.files)
+        tmp.write_bytes(b"partial")
         raise RuntimeError("fail")
-
-    with pytest.raises(RuntimeError):
-        atomic_write(target, boom)
     assert target.read_text() == "old"
     _no_temp_files(tmp_path)
 

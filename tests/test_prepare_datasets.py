@@ -134,7 +134,7 @@ def test_default_data_root_follows_env(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_sources_cover_every_preset() -> None:
-    from s2clip_cli.config import PRESETS
+    from s2clip_cli.data.presets import PRESETS
 
     covered = [p for s in SOURCES.values() for p in s.presets]
     assert sorted(covered) == sorted(PRESETS)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
-from .config import BETA, GAMMA, LOGIT_SCALE, PRESETS
+from .config import BETA, GAMMA, LOGIT_SCALE
+from .data.presets import PRESETS
 
 # Benchmarks in the order the lineage's tables print them.
 TABLE_PRESETS: tuple[str, ...] = (

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
@@ -21,35 +20,20 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from ..errors import S2ClipError
+from ..io.files import atomic_path
 
-__all__ = ["atomic_write", "entropy_heatmap", "pr_curves"]
+__all__ = ["entropy_heatmap", "pr_curves"]
 
 #: Colormap of the heatmap: light-to-dark reversed, so low entropy is dark.
 HEATMAP_CMAP = "Blues_r"
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
-    """Call `write` on a temporary file next to `path`, then rename it onto `path`.
-
-    Creates the parent directory. On any error the temporary file is removed and `path` is
-    left as it was.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
-
-
 def _save(fig: Figure, path: str | os.PathLike[str], dpi: int = 150) -> Path:
     FigureCanvasAgg(fig)
-    return atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight"))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    return Path(path)
 
 
 def entropy_heatmap(

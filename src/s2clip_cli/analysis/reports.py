@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -24,49 +23,16 @@ import numpy as np
 from rich.table import Table
 
 from ..errors import S2ClipError
-from .plots import atomic_write, entropy_heatmap, pr_curves
+from ..io.files import atomic_write_text, json_safe, prepare_output_dir, write_json
+from .plots import entropy_heatmap, pr_curves
 
-__all__ = [
-    "ENTROPY_STATS",
-    "ap_table",
-    "entropy_table",
-    "json_safe",
-    "write_ap_outputs",
-    "write_entropy_outputs",
-    "write_json",
-    "write_text",
-]
+__all__ = ["ENTROPY_STATS", "ap_table", "entropy_table", "write_ap_outputs", "write_entropy_outputs"]
 
 #: The statistics of Algorithm 1, in table/CSV column order (other keys follow).
 ENTROPY_STATS: tuple[str, ...] = ("entropy", "gini", "channel_corr")
 
 EntropyStats = Mapping[str, Mapping[Any, Mapping[str, Any]]]
 APResults = Mapping[str, Mapping[str, Any]]
-
-
-def json_safe(obj: Any) -> Any:
-    """Recursively convert to JSON-ready values: numpy to Python, NaN/inf to None, keys to str."""
-    if isinstance(obj, Mapping):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write UTF-8 text atomically."""
-    return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
-
-
-def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write `obj` (through `json_safe`) as indented, strictly valid JSON, atomically."""
-    return write_text(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -115,14 +81,16 @@ def entropy_table(stats: EntropyStats) -> Table:
     return table
 
 
-def write_entropy_outputs(stats: EntropyStats, out_dir: str | os.PathLike[str]) -> list[Path]:
+def write_entropy_outputs(stats: EntropyStats, out_dir: str | os.PathLike[str],
+                          meta: Mapping[str, Any] | None = None) -> list[Path]:
     """Write ``entropy.json``, ``entropy.csv`` and ``entropy_heatmap.png`` into `out_dir`.
 
+    With `meta` (the run's ``config`` block and settings), the JSON is ``{**meta, "stats": stats}``.
     The CSV has one row per (dataset, layer); the heatmap shows "entropy" as layers x datasets
     (a layer missing for a dataset is a grey cell).
     """
     _check_entropy(stats)
-    out = Path(out_dir)
+    out = prepare_output_dir(out_dir)
     layers, stat_names = _entropy_columns(stats)
     datasets = [str(d) for d in stats]
 
@@ -140,8 +108,8 @@ def write_entropy_outputs(stats: EntropyStats, out_dir: str | os.PathLike[str]) 
             values[layers.index(str(layer)), j] = float(stat.get("entropy", math.nan))
 
     return [
-        write_json(out / "entropy.json", stats),
-        write_text(out / "entropy.csv", buf.getvalue()),
+        write_json(out / "entropy.json", stats if meta is None else {**meta, "stats": stats}),
+        atomic_write_text(out / "entropy.csv", buf.getvalue()),
         entropy_heatmap(values, layers, datasets, out / "entropy_heatmap.png"),
     ]
 
@@ -171,14 +139,16 @@ def ap_table(results: APResults) -> Table:
 
 
 def write_ap_outputs(
-    results: APResults, out_dir: str | os.PathLike[str], title: str | None = None
+    results: APResults, out_dir: str | os.PathLike[str], title: str | None = None,
+    meta: Mapping[str, Any] | None = None,
 ) -> list[Path]:
-    """Write ``ap.json`` (the full results, curves included) and ``ap_pr_curves.png``."""
+    """Write ``ap.json`` (the full results, curves included; with `meta`, ``{**meta, "results": ...}``)
+    and ``ap_pr_curves.png``."""
     if not results:
         raise S2ClipError("no AP results to report")
-    out = Path(out_dir)
+    out = prepare_output_dir(out_dir)
     plot_kwargs = {"title": title} if title else {}
     return [
-        write_json(out / "ap.json", results),
+        write_json(out / "ap.json", results if meta is None else {**meta, "results": results}),
         pr_curves(results, out / "ap_pr_curves.png", **plot_kwargs),
     ]

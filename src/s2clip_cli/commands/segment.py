@@ -1,17 +1,32 @@
-"""`s2clip segment` as a library function: segment files and write mask, overlay and JSON."""
+"""Driver of `s2clip segment`: segment files and write mask, overlay and JSON per image."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .errors import S2ClipError
-from .io.files import write_json
-from .io.images import read_image
-from .io.outputs import class_shares, make_palette, save_mask_png, save_overlay
-from .pipeline.segmenter import Segmenter, SegmenterConfig
+from ..config import DEFAULT_BACKGROUND
+from ..errors import S2ClipError
+from ..io.files import write_json
+from ..io.images import read_image
+from ..io.outputs import class_shares, make_palette, save_mask_png, save_overlay
+from ..models.precision import dtype_name
+from ..pipeline.segmenter import Segmenter, SegmenterConfig
+
+
+def background_names(spec: str | None, classes: list[list[str]]) -> list[str]:
+    """Background names from `--background` ('; '-separated; default: the built-in stuff list),
+    minus any name the user asked for as a class (a named class wins over background)."""
+    text = DEFAULT_BACKGROUND if spec is None else spec
+    names = [name.strip() for name in text.split(";") if name.strip()]
+    if not names:
+        raise S2ClipError("--background is empty: give names separated by '; ' or use --no-background")
+    wanted = {n.lower() for names_ in classes for n in names_}
+    return [name for name in names if name.lower() not in wanted]
 
 
 def output_paths(out_dir: Path, image: Path) -> dict[str, Path]:
@@ -31,7 +46,7 @@ def _check_unique_stems(paths: list[Path]) -> None:
         seen[path.stem] = path
 
 
-def segment_file(seg: Segmenter, path: Path, out_dir: Path) -> dict:
+def segment_file(seg: Segmenter, path: Path, out_dir: Path, record_config: dict[str, Any] | None = None) -> dict:
     """Segment one image file and write its three outputs atomically; returns the JSON record."""
     image = read_image(path)
     result = seg(image)
@@ -49,10 +64,12 @@ def segment_file(seg: Segmenter, path: Path, out_dir: Path) -> dict:
         "has_background": seg.queries.has_background,
         "pixel_share": {name: round(float(s), 6) for name, s in zip(labels, shares, strict=True)},
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
-        "config": {
+        "config": record_config or {},
+        "run": {
             "clip": seg.config.clip, "vfm": seg.config.vfm, "sam": seg.config.sam,
             "layers": seg.layers, "combine": seg.config.combine, "models": seg.models.mode,
-            "device": str(seg.device),
+            "device": str(seg.device), "precision": dtype_name(seg.dtype),
+            "sam_encoder_precision": dtype_name(seg.sam_dtype),
         },
         "outputs": {k: str(v) for k, v in targets.items()},
     }
@@ -69,10 +86,12 @@ def _summary(record: dict, top: int = 4) -> str:
 
 
 def run_segment(paths: list[Path], classes: list[list[str]], background: list[str] | None,
-                config: SegmenterConfig, out_dir: Path, *, console: Console, out: Console) -> int:
+                config: SegmenterConfig, out_dir: Path, *, console: Console, out: Console,
+                record_config: dict[str, Any] | None = None) -> int:
     """Segment every path; returns the number of images that failed (each reported on one line)."""
     _check_unique_stems(paths)
-    with console.status("loading models and embedding class names…"):
+    with console.status("loading models and embedding class names…"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
         seg = Segmenter.build(config, classes, background)
     failures = 0
     show_progress = len(paths) > 1
@@ -82,7 +101,9 @@ def run_segment(paths: list[Path], classes: list[list[str]], background: list[st
         task = progress.add_task("segmenting", total=len(paths))
         for path in paths:
             try:
-                record = segment_file(seg, path, out_dir)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    record = segment_file(seg, path, out_dir, record_config)
                 out.print(f"{path.name} → {record['outputs']['mask']}  ({_summary(record)})", highlight=False)
             except S2ClipError as exc:
                 if not show_progress:

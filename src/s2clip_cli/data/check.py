@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..config import PRESETS, DatasetPreset
 from ..errors import S2ClipError, one_line
-from .datasets import LAYOUTS, open_dataset
+from .datasets import open_dataset
+from .presets import PRESETS, DatasetPreset
 from .sources import MANIFEST_NAME, OFFICIAL_VAL_COUNTS
 
 MAX_PROBLEMS = 20
@@ -82,7 +82,8 @@ def check(name: str, data_root: str | Path, *,
     """Check the data root of preset ``name``; never raises for a bad root (problems are reported)."""
     if name not in PRESETS:
         raise S2ClipError(f"unknown dataset {name!r}; choose one of: {', '.join(PRESETS)}")
-    preset, layout = PRESETS[name], LAYOUTS[name]
+    preset = PRESETS[name]
+    layout = preset.layout
     root = Path(data_root).expanduser()
     report = CheckReport(name, root)
     report.rows.append(CheckRow("data root", str(root), root.is_dir()))

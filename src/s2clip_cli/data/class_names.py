@@ -19,8 +19,8 @@ from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 
-from ..config import PRESETS
 from ..errors import S2ClipError
+from .presets import PRESETS
 
 
 def _split_names(text: str, where: str) -> list[str]:

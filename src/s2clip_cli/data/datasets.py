@@ -21,59 +21,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..config import PRESETS, DatasetPreset
 from ..errors import S2ClipError
+from ..io.images import IMAGE_SUFFIXES, read_image
 from .class_names import display_names, preset_class_names, read_class_file
+from .presets import CUSTOM, PRESETS, DatasetPreset, Layout, custom_preset
 
-CUSTOM = "custom"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
 _SHOW_MISSING = 5
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where a benchmark keeps its images and labels, relative to its data root."""
-
-    title: str  # e.g. "VOC2012 layout"
-    img_dir: str
-    ann_dir: str
-    img_suffix: str
-    seg_suffix: str
-    split_file: str | None = None  # ids listed here (split layouts); None: scan img_dir
-
-    def required(self) -> list[str]:
-        """The entries a data root must hold, folders with a trailing slash."""
-        out = [self.img_dir + "/", self.ann_dir + "/"]
-        return out + ([self.split_file] if self.split_file else [])
-
-    def describe(self) -> str:
-        if self.split_file:
-            return (f"{self.title}: {self.img_dir}/<id>{self.img_suffix}, {self.ann_dir}/<id>{self.seg_suffix}, "
-                    f"ids in {self.split_file}")
-        return (f"{self.title}: {self.img_dir}/**/*{self.img_suffix}, "
-                f"{self.ann_dir}/**/*{self.seg_suffix}")
-
-
-_VOC = Layout("VOC2012 layout", "JPEGImages", "SegmentationClass", ".jpg", ".png",
-              "ImageSets/Segmentation/val.txt")
-_CONTEXT = Layout("Pascal Context layout (VOC2010)", "JPEGImages", "SegmentationClassContext", ".jpg", ".png",
-                  "ImageSets/SegmentationContext/val.txt")
-
-LAYOUTS: dict[str, Layout] = {
-    "voc21": _VOC,
-    "voc20": _VOC,
-    "context60": _CONTEXT,
-    "context59": _CONTEXT,
-    "coco_object": Layout("COCO-Object layout", "images/val2017", "annotations/val2017", ".jpg",
-                          "_instanceTrainIds.png"),
-    "coco_stuff164k": Layout("COCO-Stuff 164k layout", "images/val2017", "annotations/val2017", ".jpg",
-                             "_labelTrainIds.png"),
-    "cityscapes": Layout("Cityscapes layout", "leftImg8bit/val", "gtFine/val", "_leftImg8bit.png",
-                         "_gtFine_labelTrainIds.png"),
-    "ade20k": Layout("ADEChallengeData2016 layout", "images/validation", "annotations/validation", ".jpg",
-                     ".png"),
-}
 
 
 def label_colours(n: int = 256) -> np.ndarray:
@@ -90,35 +44,8 @@ def label_colours(n: int = 256) -> np.ndarray:
     return cmap
 
 
-def custom_preset(num_classes: int, *, reduce_zero_label: bool = False) -> DatasetPreset:
-    """The preset of a generic dataset: no background, `segment`'s short side 448, stride 224,
-    no probability threshold, SAM coarse threshold 0.05 (the no-background benchmarks' lowest)."""
-    return DatasetPreset(CUSTOM, "", short_side=448, prob_thd=0.0, coarse_thresh=0.05,
-                         reduce_zero_label=reduce_zero_label, has_background=False, num_classes=num_classes,
-                         description="images + masks folders, classes from a file")
-
-
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Minimal decode: H x W x 3 uint8 RGB (EXIF orientation applied, as OpenCV's reader does)."""
-    from PIL import ImageOps
-
-    try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: keep the top 8 bits
-                arr = np.asarray(img, dtype=np.int64)
-                img = Image.fromarray(np.clip(arr // 257, 0, 255).astype(np.uint8))
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (OSError, ValueError) as exc:
-        raise S2ClipError(f"cannot read image {path}: {exc}") from None
-
-
 def default_reader() -> Callable[[Path], np.ndarray]:
-    """``s2clip_cli.io.images.read_image`` when present (the CLI's reader), else :func:`read_rgb`."""
-    try:
-        from ..io.images import read_image
-    except ImportError:
-        return read_rgb
+    """The image reader of evaluation: `io.images.read_image` (any format to RGB uint8)."""
     return read_image
 
 
@@ -291,9 +218,9 @@ def _list_files(folder: Path, suffixes: tuple[str, ...], what: str) -> dict[str,
 def _open_custom(images: Path, masks: Path, class_names: str | Path | list[list[str]],
                  reduce_zero_label: bool) -> SegDataset:
     classes = class_names if isinstance(class_names, list) else read_class_file(class_names)
-    imgs = _list_files(Path(images).expanduser(), IMAGE_SUFFIXES, "image")
+    imgs = _list_files(Path(images).expanduser(), tuple(sorted(IMAGE_SUFFIXES)), "image")
     if not imgs:
-        raise S2ClipError(f"custom dataset: no images ({', '.join(IMAGE_SUFFIXES)}) in {images}")
+        raise S2ClipError(f"custom dataset: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {images}")
     labels = _list_files(Path(masks).expanduser(), MASK_SUFFIXES, "mask")
     missing = [stem for stem in imgs if stem not in labels]
     if missing:
@@ -326,8 +253,9 @@ def open_dataset(name: str | None, data_root: Path | str | None, *, images: Path
     if images is not None or masks is not None:
         raise S2ClipError(f"--images/--masks describe a custom dataset; {name} reads its files from --data-root")
     if data_root is None:
-        raise S2ClipError(f"{name} needs --data-root (the folder in the {LAYOUTS[name].title})")
-    preset, layout = PRESETS[name], LAYOUTS[name]
+        raise S2ClipError(f"{name} needs --data-root (the folder in the {PRESETS[name].layout.title})")
+    preset = PRESETS[name]
+    layout = preset.layout
     root = Path(data_root).expanduser()
     _check_layout(name, root, layout)
     samples = _split_samples(name, root, layout) if layout.split_file else _scan_samples(name, root, layout)

@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import PRESETS
 from ..errors import S2ClipError
+from .presets import PRESETS
 
 DATA_DIR_ENV = "S2CLIP_DATA_DIR"
 MANIFEST_NAME = "s2clip-data.json"
@@ -37,7 +37,6 @@ class DatasetSource:
     title: str
     presets: tuple[str, ...]
     downloads: tuple[Download, ...]
-    subdir: str  # default data root under the data dir (the folder eval's --data-root names)
     official_val: int
     page: str
     note: str = ""
@@ -51,7 +50,7 @@ SOURCES: dict[str, DatasetSource] = {
             (Download("VOCtrainval_11-May-2012.tar", "≈2.0 GB",
                       "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
                       "VOCdevkit/VOC2012: JPEGImages, SegmentationClass, ImageSets/Segmentation/val.txt"),),
-            "VOCdevkit/VOC2012", 1449, "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/",
+            1449, "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/",
             "labels copied unchanged (palette PNGs: 0 background, 1..20, 255 border)"),
         DatasetSource(
             "context", "PASCAL Context (VOC 2010 images)", ("context60", "context59"),
@@ -61,7 +60,7 @@ SOURCES: dict[str, DatasetSource] = {
              Download("trainval_merged.json", "(single JSON file)",
                       "https://codalabuser.blob.core.windows.net/public/trainval_merged.json",
                       "PASCAL in Detail annotations (RLE masks, 459-class ids, train/val phases)")),
-            "VOCdevkit/VOC2010", 5104, "https://www.cs.stanford.edu/~roozbeh/pascal-context/",
+            5104, "https://www.cs.stanford.edu/~roozbeh/pascal-context/",
             "RLE masks painted in JSON order, 60 ids mapped to 0..59 (MMSeg pascal_context.py)"),
         DatasetSource(
             "coco", "COCO-Stuff 164k and COCO-Object (val2017)", ("coco_stuff164k", "coco_object"),
@@ -71,7 +70,7 @@ SOURCES: dict[str, DatasetSource] = {
                       "http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/"
                       "stuffthingmaps_trainval2017.zip",
                       "val2017/*.png stuff+thing maps (raw COCO-Stuff ids - 1, 255 unlabeled)")),
-            "coco_stuff164k", 5000, "https://github.com/nightrome/cocostuff",
+            5000, "https://github.com/nightrome/cocostuff",
             "one pass writes both *_labelTrainIds.png (171 classes) and *_instanceTrainIds.png (81)"),
         DatasetSource(
             "cityscapes", "Cityscapes (fine annotations)", ("cityscapes",),
@@ -79,14 +78,14 @@ SOURCES: dict[str, DatasetSource] = {
                       "leftImg8bit/val/<city>/*_leftImg8bit.png (login required)"),
              Download("gtFine_trainvaltest.zip", "≈241 MB", "https://www.cityscapes-dataset.com/downloads/",
                       "gtFine/val/<city>/*_gtFine_polygons.json (login required)")),
-            "cityscapes", 500, "https://www.cityscapes-dataset.com/",
+            500, "https://www.cityscapes-dataset.com/",
             "polygons filled with Pillow's ImageDraw in file order (cityscapesScripts json2labelImg)"),
         DatasetSource(
             "ade20k", "ADE20K SceneParsing (150 classes)", ("ade20k",),
             (Download("ADEChallengeData2016.zip", "≈923 MB",
                       "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip",
                       "ADEChallengeData2016/{images,annotations}/validation"),),
-            "ade/ADEChallengeData2016", 2000, "http://sceneparsing.csail.mit.edu/",
+            2000, "http://sceneparsing.csail.mit.edu/",
             "labels copied unchanged (0 other, 1..150)"),
     ]
 }
@@ -114,7 +113,7 @@ def default_data_root(name: str) -> Path:
     """The data root of preset ``name`` when none is given: the data dir + the preset's usual folder
     (``VOCdevkit/VOC2012``, ``VOCdevkit/VOC2010``, ``coco_stuff164k``, ``cityscapes``,
     ``ade/ADEChallengeData2016``)."""
-    return data_dir() / source_for(name).subdir
+    return data_dir() / PRESETS[source_for(name).presets[0]].subdir
 
 
 def prepare_command(name: str) -> str:

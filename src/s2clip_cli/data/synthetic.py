@@ -15,9 +15,9 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from ..config import PRESETS
 from ..errors import S2ClipError
-from .datasets import LAYOUTS, Layout, label_colours
+from .datasets import label_colours
+from .presets import PRESETS, Layout
 
 _CITIES = ("frankfurt", "lindau", "munster")
 _GENERIC_CLASSES = ("sky; heaven", "tree", "road; street", "car", "person; pedestrian", "building", "grass",
@@ -75,7 +75,8 @@ def write_synthetic_dataset(preset_name: str, root: Path, n_images: int = 4, siz
     """
     if preset_name not in PRESETS:
         raise S2ClipError(f"unknown dataset {preset_name!r}; choose one of: {', '.join(PRESETS)}")
-    preset, layout = PRESETS[preset_name], LAYOUTS[preset_name]
+    preset = PRESETS[preset_name]
+    layout = preset.layout
     max_value = preset.num_classes if preset.reduce_zero_label else preset.num_classes - 1
     root = Path(root)
     _write_layout(layout, root, _ids(preset_name, n_images), size, seed, max_value,

@@ -43,16 +43,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; returns the path."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+    return Path(path)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write UTF-8 ``text`` to ``path`` atomically."""
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically; returns the path."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def json_safe(obj: Any) -> Any:
@@ -72,10 +74,10 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def write_json(path: str | Path, obj: Any) -> None:
+def write_json(path: str | Path, obj: Any) -> Path:
     """Write ``obj`` as indented UTF-8 JSON, atomically; NaN and infinities are written as ``null``."""
     text = json.dumps(json_safe(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    atomic_write_text(path, text)
+    return atomic_write_text(path, text)
 
 
 def prepare_output_dir(path: str | Path) -> Path:

@@ -27,9 +27,9 @@ import numpy as np
 import PIL
 
 from ... import __version__
-from ...config import PRESETS
 from ...errors import S2ClipError, one_line
 from ...io.files import atomic_path, atomic_write_bytes, prepare_output_dir
+from ..presets import PRESETS
 from ..sources import default_data_root, source_for
 from . import ade20k, cityscapes, coco, context, voc
 from .archives import Blob, RawIndex, close_archives, read_blob, spill_compressed

@@ -1,0 +1,110 @@
+"""`s2clip eval`: parsing only; the work is in `commands/evaluate.py`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import S2ClipError
+from .common import (
+    DATASETS_HELP,
+    ClipOpt,
+    CombineOpt,
+    ConfigOpt,
+    DeviceOpt,
+    LayersOpt,
+    ModelsOpt,
+    NoBoxOpt,
+    NoCcaOpt,
+    NoMaskOpt,
+    NoPointOpt,
+    NoSamOpt,
+    OfflineOpt,
+    PrecisionOpt,
+    SamImplOpt,
+    SamOpt,
+    VfmOpt,
+    WeightsOpt,
+    WindowBatchOpt,
+    config_record,
+    console,
+    dataset_list,
+    out,
+    parse_layers,
+    user_errors,
+    value,
+    warn_random,
+)
+from .segment import refine_config
+
+
+@user_errors
+def eval_command(
+    ctx: typer.Context,
+    dataset: Annotated[str | None, typer.Option(help=DATASETS_HELP)] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Dataset folder in its MMSegmentation layout (several "
+                                                   "datasets: the folder holding each in its usual sub-folder; "
+                                                   "default: $S2CLIP_DATA_DIR, see `s2clip data list`).")] = None,
+    images: Annotated[Path | None, typer.Option(help="Generic dataset: folder of images.")] = None,
+    masks: Annotated[Path | None, typer.Option(help="Generic dataset: folder of label PNGs (same stems).")] = None,
+    class_names: Annotated[Path | None, typer.Option(help="Generic dataset: class-name file.")] = None,
+    reduce_zero_label: Annotated[bool, typer.Option(help="Generic dataset: label 0 is ignored, k -> k-1.")] = False,
+    limit: Annotated[int | None, typer.Option(help="Evaluate the first N images only.")] = None,
+    work_dir: Annotated[Path, typer.Option("--work-dir", "--output", "-o", help="Results and resumable per-image "
+                                           "records.")] = Path("runs/eval"),
+    save_preds: Annotated[bool, typer.Option("--save-preds", help="Write palette PNGs of predictions.")] = False,
+    list_datasets: Annotated[bool, typer.Option("--list-datasets", help="Print the preset table and exit.")] = False,
+    no_sam: NoSamOpt = False,
+    sam: SamOpt = "vit_b",
+    sam_impl: SamImplOpt = "optimized",
+    no_cca: NoCcaOpt = False,
+    no_box: NoBoxOpt = False,
+    no_mask: NoMaskOpt = False,
+    no_point: NoPointOpt = False,
+    clip: ClipOpt = "ViT-B/16",
+    vfm: VfmOpt = "dino_vitb8",
+    layers: LayersOpt = None,
+    combine: CombineOpt = "mean",
+    window_batch: WindowBatchOpt = 4,
+    num_workers: Annotated[int, typer.Option(help="Image-decoding worker processes.")] = 2,
+    precision: PrecisionOpt = "auto",
+    device: DeviceOpt = "auto",
+    models: ModelsOpt = "real",
+    offline: OfflineOpt = False,
+    clip_weights: WeightsOpt = None,
+    vfm_weights: WeightsOpt = None,
+    sam_weights: WeightsOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Evaluate on a benchmark (mIoU, mAcc, aAcc); resumable; shards across ranks under torchrun."""
+    from ..commands.evaluate import presets_table, run_eval
+    from ..models.factory import ModelPaths
+    from ..pipeline.segmenter import SegmenterConfig
+
+    if list_datasets:
+        out.print(presets_table())
+        return
+    if dataset is None and images is None:
+        raise S2ClipError("give --dataset NAME (see --list-datasets) or --images/--masks/--class-names")
+    names = dataset_list(dataset) if dataset is not None else ["custom"]
+    base = SegmenterConfig(
+        clip=value(clip), vfm=value(vfm), sam=None if no_sam else value(sam), layers=parse_layers(layers),
+        combine=value(combine), window_batch=window_batch,
+        refine=refine_config(sam_impl, no_cca, no_box, no_mask, no_point),
+        precision=value(precision), models=value(models), device=value(device), offline=offline,
+        weights=ModelPaths(clip=clip_weights, vfm=vfm_weights, sam=sam_weights),
+    )
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        warn_random(value(models))
+    results = run_eval(names, data_root, base, work_dir=work_dir, limit=limit, save_preds=save_preds,
+                       num_workers=num_workers, images=images, masks=masks, class_names=class_names,
+                       reduce_zero_label=reduce_zero_label, console=console, record_config=config_record(ctx))
+    if rank == 0:
+        for name, res in zip(names, results, strict=True):
+            s = res["summary"]
+            out.print(f"{name}: mIoU {s['mIoU']:.2f}  mAcc {s['mAcc']:.2f}  aAcc {s['aAcc']:.2f}  "
+                      f"({res.get('num_images', '?')} images) -> {work_dir}", highlight=False)
