@@ -20,6 +20,7 @@ from ..data.sources import default_data_root, prepare_command
 from ..errors import S2ClipError
 from ..evaluation.distributed import DistContext
 from ..evaluation.runner import evaluate
+from ..models.factory import prefetch_weights
 from ..models.precision import dtype_name
 from ..pipeline.segmenter import Segmenter, SegmenterConfig
 
@@ -106,6 +107,9 @@ def run_eval(dataset_names: list[str], data_root: Path | None, base: SegmenterCo
         base = dataclasses.replace(base, device=device)
         datasets = open_datasets(dataset_names, data_root, images=images, masks=masks, class_names=class_names,
                                  reduce_zero_label=reduce_zero_label)
+        # Under several ranks, rank 0 fetches the weights while the others wait.
+        prefetch_weights(base.clip, base.vfm, base.sam, mode=base.models, paths=base.weights,
+                         offline=base.offline, group=ctx)
         many = len(datasets) > 1
         models = None
         results = []
@@ -125,13 +129,10 @@ def run_eval(dataset_names: list[str], data_root: Path | None, base: SegmenterCo
                 return seg(image, refine=use_sam).labels
 
             out_dir = work_dir / name if many else work_dir
-            result = evaluate(ds, predict, work_dir=out_dir, config=run_config(cfg, seg), limit=limit,
-                              save_preds=save_preds, num_workers=num_workers, console=console,
-                              dist=ctx, device=device)
-            if mismatch:
-                result["dataset_warning"] = mismatch
-            result["cli_config"] = record_config or {}
-            results.append(result)
+            settings = {**run_config(cfg, seg), "dataset_warning": mismatch}
+            results.append(evaluate(ds, predict, work_dir=out_dir, config=settings, limit=limit,
+                                    save_preds=save_preds, num_workers=num_workers, console=console,
+                                    dist=ctx, device=device, options=record_config))
         return results
     finally:
         ctx.close()

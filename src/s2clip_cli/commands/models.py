@@ -7,7 +7,7 @@ from rich.table import Table
 
 from ..errors import S2ClipError
 from ..models.registry import ALL_SPECS, any_spec
-from ..models.verify import verify_spec
+from ..models.verify import found_specs, verify_spec
 from ..models.weights import download, is_offline, locate, weights_dir
 
 
@@ -40,7 +40,7 @@ def run_download(names: list[str], out: Console, console: Console) -> None:
 
 def run_verify(names: list[str] | None, out: Console, console: Console) -> int:
     """Load each checkpoint into its architecture; returns the number that failed."""
-    specs = [any_spec(n) for n in names] if names else [s for s in ALL_SPECS.values() if locate(s).path]
+    specs = [any_spec(n) for n in names] if names else found_specs()
     if not specs:
         raise S2ClipError("no weights found to verify; see `s2clip models list`")
     bad = 0

@@ -143,7 +143,7 @@ def results_markdown(results: dict[str, Any]) -> str:
     for name, iou in results["per_class"]["IoU"].items():
         lines.append(f"| {name} | {_fmt(iou)} | {_fmt(results['per_class']['Acc'][name])} |")
     lines += ["", "## Configuration", "", f"config hash `{results['config_hash']}`", "", "```json",
-              json.dumps(results["config"], indent=2, sort_keys=True, default=str), "```", "",
+              json.dumps(results.get("settings", results["config"]), indent=2, sort_keys=True, default=str), "```", "",
               "## Timings and versions", "", "```json",
               json.dumps({"timings": results["timings"], "versions": results["versions"]}, indent=2), "```", ""]
     return "\n".join(lines)
@@ -199,8 +199,12 @@ def work_dir_lock(work_dir: Path) -> Iterator[None]:
 def evaluate(dataset: SegDataset, predict_fn: PredictFn, *, work_dir: Path, config: dict[str, Any],
              limit: int | None = None, save_preds: bool = False, num_workers: int = 2, console: Any = None,
              dist: DistContext | None = None, device: str = "cpu", reader: Reader | None = None,
-             check_every: int = CHECK_EVERY) -> dict[str, Any]:
+             check_every: int = CHECK_EVERY, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate ``predict_fn`` on the first ``limit`` samples of ``dataset``; return the results dict.
+
+    ``options``, when given (the CLI's options as `--config` takes them back), is written as the
+    results' ``config`` block and ``config`` (the hashed settings) as ``settings``; without it,
+    ``config`` is written as ``config``.
 
     ``config`` (JSON-able) is everything that changes predictions: its hash goes into the records'
     signature, so a work dir holding another configuration's records is refused. ``dist`` defaults
@@ -226,7 +230,7 @@ def evaluate(dataset: SegDataset, predict_fn: PredictFn, *, work_dir: Path, conf
             # Only rank 0 locks; every rank learns whether it got the lock before going on.
             _agreed(ctx, lambda: stack.enter_context(work_dir_lock(work_dir)) if ctx.is_main else None)
             return _evaluate(dataset, predict_fn, work_dir, config, limit, save_preds, num_workers, console,
-                             ctx, reader or default_reader(), check_every)
+                             ctx, reader or default_reader(), check_every, options)
     finally:
         if own_dist:
             ctx.close()
@@ -259,7 +263,7 @@ def _open_records(work_dir: Path, rank: int, signature: RunSignature) -> tuple[R
 
 def _evaluate(dataset: SegDataset, predict_fn: PredictFn, work_dir: Path, config: dict[str, Any],
               limit: int | None, save_preds: bool, num_workers: int, console: Any, ctx: DistContext,
-              reader: Reader, check_every: int) -> dict[str, Any]:
+              reader: Reader, check_every: int, options: dict[str, Any] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     k, ignore = dataset.num_classes, dataset.preset.ignore_index
     ids = dataset.sample_ids if limit is None else dataset.sample_ids[:limit]
@@ -350,7 +354,7 @@ def _evaluate(dataset: SegDataset, predict_fn: PredictFn, work_dir: Path, config
         "limit": limit,
         "summary": {key: summary[key] for key in ("mIoU", "mAcc", "aAcc", "num_pixels")},
         "per_class": {"IoU": summary["IoU"], "Acc": summary["Acc"]},
-        "config": config,
+        **({"config": config} if options is None else {"config": options, "settings": config}),
         "config_hash": signature.config_hash,
         "versions": _versions(),
         "timings": {"wall_s": wall_s, "predict_s": stats[2] / 1e6, "images_this_run": n_run,
