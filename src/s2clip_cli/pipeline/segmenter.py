@@ -204,7 +204,7 @@ class Segmenter:
         [0, 1] on the device."""
         cfg = self.config
         resized = resize_short_side(image, cfg.short_side, cfg.max_long_side)
-        x = torch.from_numpy(np.ascontiguousarray(resized)).to(self.device)
+        x = torch.from_numpy(np.require(resized, requirements=["C", "W"])).to(self.device)
         return x.permute(2, 0, 1).float().div_(255.0)
 
     def windows(self, x: Tensor) -> list[WindowBatch]:
