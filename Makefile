@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.s2clip-installed
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test test-floors demo lint bench clean
 
 install: $(STAMP)
 
@@ -14,6 +14,17 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(PY) -m pytest
+
+# The model-loading and pipeline tests against the lowest open_clip and timm that pyproject admits
+# (torch stays the installed one), so that a dependency floor that lies fails CI.
+FLOORS := .venv-floors
+FLOOR_PINS := open_clip_torch==2.27.0 timm==1.0.9
+FLOOR_TESTS := tests/test_weights.py tests/test_pos_embed.py tests/test_segment_cli.py tests/test_windows_fusion.py
+test-floors: install
+	rm -rf $(FLOORS)
+	$(PY) -m pip install --quiet --no-deps --target $(FLOORS) $(FLOOR_PINS)
+	PYTHONPATH=$(FLOORS) $(PY) -c "import open_clip, timm; print('floors: open_clip', open_clip.__version__, 'timm', timm.__version__)"
+	PYTHONPATH=$(FLOORS) $(PY) -m pytest -p no:cacheprovider -W ignore::DeprecationWarning $(FLOOR_TESTS)
 
 # Segments an example photo with real weights; without them, says in one line what to fetch.
 demo: install
@@ -28,4 +39,4 @@ bench: install
 	$(PY) benchmarks/bench_eval.py
 
 clean:
-	rm -rf $(VENV) out bench-results .pytest_cache
+	rm -rf $(VENV) $(FLOORS) out bench-results .pytest_cache
