@@ -17,6 +17,7 @@ from .common import (
     PrecisionOpt,
     PresetName,
     SamOpt,
+    SdThresholdOpt,
     VfmOpt,
     WeightsOpt,
     config_record,
@@ -41,6 +42,10 @@ def bench_sam(
     seed: Annotated[int, typer.Option(help="Seed for --synthetic.")] = 0,
     iou_thresh: Annotated[float, typer.Option(help="Predicted-IoU threshold.")] = 0.8,
     sam: SamOpt = "vit_b",
+    sd: Annotated[bool, typer.Option("--sd", help="Also time SAM+SD (CLIPer's SD refinement, then the optimized "
+                                     "SAM refinement): the fourth row of Table 4.")] = False,
+    sd_threshold: SdThresholdOpt = None,
+    seed_sd: Annotated[int, typer.Option("--sd-seed", help="Seed of the SD noise.")] = 0,
     output: Annotated[Path, typer.Option("--output", "-o", "--json", help="Where to write the JSON report.")] = Path(
         "bench-results/bench-sam.json"),
     clip: ClipOpt = "ViT-B/16",
@@ -52,6 +57,7 @@ def bench_sam(
     clip_weights: WeightsOpt = None,
     vfm_weights: WeightsOpt = None,
     sam_weights: WeightsOpt = None,
+    sd_weights: WeightsOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Time the pipeline without SAM, with the original and with the optimized SAM refinement (Table 4)."""
@@ -65,9 +71,11 @@ def bench_sam(
     loaded, fg, bg, preset = load_bench_inputs(images, value(dataset), data_root, limit,
                                                parse_class_list(classes) if classes else None)
     cfg = SegmenterConfig(clip=value(clip), vfm=value(vfm), sam=value(sam), precision=value(precision),
+                          sd=sd, sd_threshold=0.2 if sd_threshold is None else sd_threshold, seed=seed_sd,
                           models=value(models), device=value(device), offline=offline,
-                          weights=ModelPaths(clip=clip_weights, vfm=vfm_weights, sam=sam_weights))
+                          weights=ModelPaths(clip=clip_weights, vfm=vfm_weights, sam=sam_weights, sd=sd_weights))
     warn_random(value(models))
     run_bench_sam(cfg, classes=fg, background=bg, images=loaded, synthetic=synthetic, preset=preset, seed=seed,
+                  sd_threshold=sd_threshold,
                   repeats=repeats, iou_thresh=iou_thresh, json_path=output, console=out,
                   record_config=config_record(ctx))

@@ -125,6 +125,11 @@ NoBoxOpt = Annotated[bool, typer.Option("--no-box", help="Ablation: no box promp
 NoMaskOpt = Annotated[bool, typer.Option("--no-mask", help="Ablation: no mask prompts.")]
 NoPointOpt = Annotated[bool, typer.Option("--no-point", help="Ablation: no point prompts.")]
 WindowBatchOpt = Annotated[int, typer.Option(help="Windows per forward pass (bounds memory).", min=1)]
+SdOpt = Annotated[bool, typer.Option("--sd", help="CLIPer's Stable-Diffusion refinement of the class maps (before "
+                                     "SAM; with --no-sam: SD alone). Needs the sd21_base weights.")]
+SdThresholdOpt = Annotated[float | None, typer.Option(help="SD attention threshold (default: the dataset's — 0.1 "
+                                                      "VOC, 0.35 Cityscapes, 0.2 otherwise; 0.2 for segment).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the SD noise (results repeat).")]
 
 
 # ------------------------------------------------------------------------------------- --config

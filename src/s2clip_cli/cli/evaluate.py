@@ -26,6 +26,9 @@ from .common import (
     PrecisionOpt,
     SamImplOpt,
     SamOpt,
+    SdOpt,
+    SdThresholdOpt,
+    SeedOpt,
     VfmOpt,
     WeightsOpt,
     WindowBatchOpt,
@@ -69,6 +72,9 @@ def eval_command(
     layers: LayersOpt = None,
     combine: CombineOpt = "mean",
     window_batch: WindowBatchOpt = 4,
+    sd: SdOpt = False,
+    sd_threshold: SdThresholdOpt = None,
+    seed: SeedOpt = 0,
     num_workers: Annotated[int, typer.Option(help="Image-decoding worker processes.")] = 2,
     precision: PrecisionOpt = "auto",
     device: DeviceOpt = "auto",
@@ -77,6 +83,7 @@ def eval_command(
     clip_weights: WeightsOpt = None,
     vfm_weights: WeightsOpt = None,
     sam_weights: WeightsOpt = None,
+    sd_weights: WeightsOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Evaluate on a benchmark (mIoU, mAcc, aAcc); resumable; shards across ranks under torchrun."""
@@ -92,17 +99,18 @@ def eval_command(
     names = dataset_list(dataset) if dataset is not None else ["custom"]
     base = SegmenterConfig(
         clip=value(clip), vfm=value(vfm), sam=None if no_sam else value(sam), layers=parse_layers(layers),
-        combine=value(combine), window_batch=window_batch,
+        combine=value(combine), window_batch=window_batch, sd=sd, seed=seed,
         refine=refine_config(sam_impl, no_cca, no_box, no_mask, no_point),
         precision=value(precision), models=value(models), device=value(device), offline=offline,
-        weights=ModelPaths(clip=clip_weights, vfm=vfm_weights, sam=sam_weights),
+        weights=ModelPaths(clip=clip_weights, vfm=vfm_weights, sam=sam_weights, sd=sd_weights),
     )
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         warn_random(value(models))
     results = run_eval(names, data_root, base, work_dir=work_dir, limit=limit, save_preds=save_preds,
                        num_workers=num_workers, images=images, masks=masks, class_names=class_names,
-                       reduce_zero_label=reduce_zero_label, console=console, record_config=config_record(ctx))
+                       reduce_zero_label=reduce_zero_label, console=console, record_config=config_record(ctx),
+                       sd_threshold=sd_threshold)
     if rank == 0:
         for name, res in zip(names, results, strict=True):
             s = res["summary"]

@@ -24,6 +24,9 @@ from .common import (
     PrecisionOpt,
     SamImplOpt,
     SamOpt,
+    SdOpt,
+    SdThresholdOpt,
+    SeedOpt,
     VfmOpt,
     WeightsOpt,
     WindowBatchOpt,
@@ -77,6 +80,9 @@ def segment(
                                             "classification and SAM run at that size.")] = 448,
     stride: Annotated[int, typer.Option(help="Sliding-window stride (crop 336).")] = 112,
     window_batch: WindowBatchOpt = 4,
+    sd: SdOpt = False,
+    sd_threshold: SdThresholdOpt = None,
+    seed: SeedOpt = 0,
     precision: PrecisionOpt = "auto",
     device: DeviceOpt = "auto",
     models: ModelsOpt = "real",
@@ -84,6 +90,7 @@ def segment(
     clip_weights: WeightsOpt = None,
     vfm_weights: WeightsOpt = None,
     sam_weights: WeightsOpt = None,
+    sd_weights: WeightsOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Label every pixel of IMAGES with one of --classes; writes mask, overlay and JSON per image."""
@@ -104,8 +111,9 @@ def segment(
         clip=value(clip), vfm=value(vfm), sam=None if no_sam else value(sam), layers=parse_layers(layers),
         combine=value(combine), short_side=short_side, stride=stride, prob_thd=threshold if bg else 0.0,
         window_batch=window_batch, refine=refine, work_resolution="resized", timing=True,
+        sd=sd, sd_threshold=0.2 if sd_threshold is None else sd_threshold, seed=seed,
         precision=value(precision), models=value(models), device=value(device), offline=offline,
-        weights=ModelPaths(clip=clip_weights, vfm=vfm_weights, sam=sam_weights),
+        weights=ModelPaths(clip=clip_weights, vfm=vfm_weights, sam=sam_weights, sd=sd_weights),
     )
     warn_random(value(models))
     failures = run_segment(paths, class_list, bg, cfg, out_dir, console=console, out=out,

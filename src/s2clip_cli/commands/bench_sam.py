@@ -4,6 +4,7 @@ input — under the dataset's preset when one is given, and the run's precision.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import warnings
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.table import Table
 
 from ..data.class_names import preset_class_names
 from ..data.datasets import open_dataset
@@ -51,16 +53,49 @@ def load_bench_inputs(images_dir: Path | None, dataset: str | None, data_root: P
     return images, fg, voc[0], None
 
 
+SD_STAGES = ("vae_encode", "unet", "propagate", "sam_encoder", "sam_refine")
+
+
+def time_sam_sd(seg: Segmenter, samples: list[Sample]) -> dict[str, float]:
+    """Median seconds per stage of the seed's "SAM+SD": CLIPer's SD refinement of the coarse maps
+    (VAE encode, UNet pass, propagation), then the optimized SAM refinement of its output."""
+    per_stage: dict[str, list[float]] = {stage: [] for stage in SD_STAGES}
+    seg_opt = dataclasses.replace(seg.config.refine, impl="optimized")
+    for image, _coarse_labels, probs in samples:
+        timer = StageTimer(seg.device)
+        refined_labels, refined = seg.refine_sd(image, probs.to(seg.device), timer)
+        saved = seg.config.refine
+        seg.config.refine = seg_opt
+        try:
+            seg.refine(image, refined_labels, refined, timer)
+        finally:
+            seg.config.refine = saved
+        for stage in SD_STAGES:
+            per_stage[stage].append(timer.times.get(stage, 0.0))
+    return {stage: statistics.median(values) for stage, values in per_stage.items()}
+
+
+def sam_sd_table(medians: dict[str, float]) -> Table:
+    table = Table(title="SAM+SD: median seconds per image")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    for stage, seconds in medians.items():
+        table.add_row(stage, f"{seconds:.3f}")
+    table.add_row("total (after the pipeline without SAM)", f"{sum(medians.values()):.3f}")
+    return table
+
+
 def run_bench_sam(config: SegmenterConfig, *, classes: list[list[str]], background: list[str] | None,
                   images: list[np.ndarray] | None, synthetic: int | None, preset: DatasetPreset | None = None,
                   seed: int = 0, repeats: int = 1, iou_thresh: float = 0.8, json_path: Path | None = None,
-                  console: Console | None = None, record_config: dict[str, Any] | None = None) -> dict[str, Any]:
+                  console: Console | None = None, record_config: dict[str, Any] | None = None,
+                  sd_threshold: float | None = None) -> dict[str, Any]:
     """Build the models once, then time the three variants; writes JSON when `json_path` is given."""
     console = console or Console(stderr=True)
     if config.sam is None:
         raise S2ClipError("bench-sam needs a SAM model (drop --no-sam)")
     if preset is not None:
-        config = segmenter_config_for(config, preset)
+        config = segmenter_config_for(config, preset, sd_threshold)
     if json_path is not None:
         prepare_output_dir(json_path.parent)  # fail now, not after the benchmark
     with console.status("loading models…"), warnings.catch_warnings():
@@ -90,6 +125,11 @@ def run_bench_sam(config: SegmenterConfig, *, classes: list[list[str]], backgrou
     totals = {"no_sam": no_sam, **{impl: no_sam + med[impl]["set_image"] + med[impl]["refine_total"]
                                    for impl in med}}
     console.print(report_table(f"SAM refinement, {source}", report))
+    if seg.config.sd:
+        with console.status("timing SD refinement + optimized SAM…"):
+            report["sam_sd"] = time_sam_sd(seg, samples)
+        totals["sam_sd"] = no_sam + sum(report["sam_sd"].values())
+        console.print(sam_sd_table(report["sam_sd"]))
     for name, seconds in totals.items():
         console.print(f"pipeline {name}: {seconds:.3f} s/image (median)")
     if "speedup" in report:

@@ -22,7 +22,7 @@ from ..evaluation.distributed import DistContext
 from ..evaluation.runner import evaluate
 from ..models.factory import prefetch_weights
 from ..models.precision import dtype_name
-from ..pipeline.segmenter import Segmenter, SegmenterConfig
+from ..pipeline.segmenter import SD_MODEL, Segmenter, SegmenterConfig
 
 
 def presets_table() -> Table:
@@ -39,12 +39,15 @@ def presets_table() -> Table:
     return table
 
 
-def segmenter_config_for(base: SegmenterConfig, preset: DatasetPreset) -> SegmenterConfig:
-    """The preset fixes resize scale, windows, prob_thd, logit scale and the coarse threshold."""
+def segmenter_config_for(base: SegmenterConfig, preset: DatasetPreset,
+                         sd_threshold: float | None = None) -> SegmenterConfig:
+    """The preset fixes resize scale, windows, prob_thd, logit scale, the coarse threshold and the SD
+    threshold (unless `sd_threshold` is given)."""
     return dataclasses.replace(
         base, short_side=preset.short_side, crop=preset.crop, stride=preset.stride,
         prob_thd=preset.prob_thd, logit_scale=preset.logit_scale,
         refine=dataclasses.replace(base.refine, coarse_thresh=preset.coarse_thresh),
+        sd_threshold=preset.sd_threshold if sd_threshold is None else sd_threshold,
     )
 
 
@@ -67,6 +70,7 @@ def run_config(cfg: SegmenterConfig, seg: Segmenter) -> dict[str, Any]:
         "models": cfg.models, "weights": seg.models.identity,
         "device": seg.device.type, "precision": dtype_name(seg.dtype),
         "sam_encoder_precision": dtype_name(seg.sam_dtype) if cfg.sam else None,
+        "sd": {"threshold": cfg.sd_threshold, "seed": cfg.seed} if cfg.sd else None,
     }
 
 
@@ -94,7 +98,7 @@ def run_eval(dataset_names: list[str], data_root: Path | None, base: SegmenterCo
              limit: int | None = None, save_preds: bool = False, num_workers: int = 2,
              images: Path | None = None, masks: Path | None = None, class_names: Path | None = None,
              reduce_zero_label: bool = False, console: Console | None = None,
-             record_config: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+             record_config: dict[str, Any] | None = None, sd_threshold: float | None = None) -> list[dict[str, Any]]:
     """Evaluate on each dataset; returns each dataset's results dict."""
     console = console or Console(stderr=True)
     device = str(base.device)
@@ -108,8 +112,8 @@ def run_eval(dataset_names: list[str], data_root: Path | None, base: SegmenterCo
         datasets = open_datasets(dataset_names, data_root, images=images, masks=masks, class_names=class_names,
                                  reduce_zero_label=reduce_zero_label)
         # Under several ranks, rank 0 fetches the weights while the others wait.
-        prefetch_weights(base.clip, base.vfm, base.sam, mode=base.models, paths=base.weights,
-                         offline=base.offline, group=ctx)
+        prefetch_weights(base.clip, base.vfm, base.sam, sd_name=SD_MODEL if base.sd else None, mode=base.models,
+                         paths=base.weights, offline=base.offline, group=ctx)
         many = len(datasets) > 1
         models = None
         results = []
@@ -117,7 +121,7 @@ def run_eval(dataset_names: list[str], data_root: Path | None, base: SegmenterCo
             mismatch = official_count_mismatch(name, len(ds)) if name != CUSTOM else None
             if mismatch and ctx.is_main:
                 console.print(f"[bold yellow]warning:[/] {mismatch}", highlight=False)
-            cfg = segmenter_config_for(base, ds.preset)
+            cfg = segmenter_config_for(base, ds.preset, sd_threshold)
             classes, background = split_background(ds)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)

@@ -42,6 +42,7 @@ WorkResolution = Literal["image", "resized"]
 # Above this many name-probability values at the output size, `classify` streams over the names
 # instead of holding every name's upsampled map at once (256 MB of float32).
 CLASSIFY_BUDGET = 64 * 2**20
+SD_MODEL = "sd21_base"
 
 
 @dataclass
@@ -68,6 +69,10 @@ class SegmenterConfig:
     # evaluation protocol), or at the resized working image (`resized`, bounded memory for large
     # photos; only the labels are brought to the image's size, by nearest neighbour).
     work_resolution: WorkResolution = "image"
+    # CLIPer's Stable-Diffusion refinement of the class probabilities, before SAM (DESIGN step 5b).
+    sd: bool = False
+    sd_threshold: float = 0.2  # CLIPer's attention_thr (presets: 0.1 VOC, 0.35 Cityscapes, 0.2 otherwise)
+    seed: int = 0  # the SD noise seed
     precision: str = "auto"  # auto | fp32 | fp16 | bf16 (see models.precision)
     timing: bool = False  # per-stage wall times in SegmentationResult.timings (synchronises CUDA)
     models: str = "real"
@@ -124,7 +129,11 @@ class Segmenter:
         compute_dtype(config.precision, device)  # reject a bad --precision before loading anything
         if models is None:
             models = load_models(config.clip, config.vfm, config.sam, mode=config.models,
-                                 paths=config.weights, offline=config.offline, device=device)
+                                 paths=config.weights, offline=config.offline, device=device,
+                                 sd_name=SD_MODEL if config.sd else None,
+                                 sd_dtype=compute_dtype(config.precision, device))
+        elif config.sd and models.sd is None:
+            raise S2ClipError("SD refinement requested but the given models hold no SD model")
         queries = build_queries(classes, background)
         with torch.no_grad():
             return cls(config, queries, models, device)
@@ -247,10 +256,15 @@ class Segmenter:
                 probs = self._merge_names(torch.softmax(up.mul_(self.config.logit_scale), dim=0), slice(None))
             else:
                 probs = self._classify_streamed(logits, size)
-            top, labels = probs.max(dim=0)
-            if self.queries.has_background and self.config.prob_thd > 0:
-                labels = torch.where(top < self.config.prob_thd, torch.zeros_like(labels), labels)
-        return labels, probs
+        return self.labels_from(probs), probs
+
+    def labels_from(self, probs: Tensor) -> Tensor:
+        """Labels ``[H, W]`` from class probabilities: the argmax; with a background, pixels whose
+        top probability is under `prob_thd` become background (class 0)."""
+        top, labels = probs.max(dim=0)
+        if self.queries.has_background and self.config.prob_thd > 0:
+            labels = torch.where(top < self.config.prob_thd, torch.zeros_like(labels), labels)
+        return labels
 
     def _name_chunks(self, n_names: int, size: tuple[int, int]) -> list[slice]:
         step = max(1, CLASSIFY_BUDGET // (size[0] * size[1]))
@@ -286,6 +300,19 @@ class Segmenter:
             into = torch.full((n_cls, *probs_q.shape[1:]), -1.0, device=probs_q.device)
         idx = self.name_to_class[names].view(-1, 1, 1).expand_as(probs_q)
         return into.scatter_reduce_(0, idx, probs_q, reduce="amax", include_self=True)
+
+    def refine_sd(self, image: np.ndarray, probs: Tensor, timer: StageTimer | None = None) -> tuple[Tensor, Tensor]:
+        """CLIPer's Stable-Diffusion refinement (`refine.sd_refine`): the image's SD self-attention
+        maps propagate the class probabilities; returns (labels, refined probabilities)."""
+        from ..refine.sd_refine import SDRefiner
+
+        if self.models.sd is None:
+            raise S2ClipError("SD refinement requested but no SD model was loaded")
+        timer = timer or self.timer()
+        refiner = SDRefiner(self.models.sd, threshold=self.config.sd_threshold, seed=self.config.seed)
+        with torch.no_grad():
+            refined = refiner(image, probs, timer.times if timer.enabled else None)
+        return self.labels_from(refined), refined
 
     def _sam_predictor(self):  # noqa: ANN202 - segment_anything.SamPredictor, imported lazily
         from segment_anything import SamPredictor
@@ -339,6 +366,8 @@ class Segmenter:
                 work_image = resize_short_side(image, self.config.short_side, self.config.max_long_side)
             with timer("classify"):
                 labels, probs = self.classify(logits, work_image.shape[:2])
+            if self.config.sd:
+                labels, probs = self.refine_sd(work_image, probs, timer)
             do_refine = (self.models.sam is not None) if refine is None else refine
             if do_refine:
                 labels, probs = self.refine(work_image, labels, probs, timer)

@@ -158,7 +158,7 @@ def prepare_image(image: np.ndarray, size: int, device: torch.device) -> Tensor:
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise S2ClipError(f"expected an HxWx3 uint8 RGB image, got {getattr(image, 'shape', type(image))} "
                           f"{getattr(image, 'dtype', '')}")
-    x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float() / 255.0
+    x = torch.from_numpy(np.require(image, requirements=["C", "W"])).to(device).permute(2, 0, 1)[None].float() / 255.0
     x = F.interpolate(x, size=(size, size))
     return x * 2.0 - 1.0
 
