@@ -36,6 +36,8 @@ lint: install
 bench: install
 	$(PY) benchmarks/bench_pipeline.py
 	$(PY) benchmarks/bench_sam.py
+	$(PY) benchmarks/bench_sd_propagate.py
+	$(PY) benchmarks/bench_memory.py
 	$(PY) benchmarks/bench_eval.py
 
 clean:
