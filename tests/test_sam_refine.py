@@ -148,9 +148,10 @@ def test_chunking_does_not_change_results(refine, split_thresh, monkeypatch, dec
 
 def test_chunk_size_follows_the_image_size() -> None:
     cpu = torch.device("cpu")
-    small, large = sam_optimized._chunk_size(cpu, (64, 96)), sam_optimized._chunk_size(cpu, (2048, 4096))
-    assert small == sam_optimized.MAX_CHUNK and 1 <= large < small
-    assert sam_optimized._chunk_size(cpu, (20000, 20000)) == 1
+    sizes = [sam_optimized._chunk_size(cpu, hw) for hw in [(64, 96), (448, 608), (2048, 4096), (20000, 20000)]]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[2] and sizes[-1] == 1
+    per_prompt = sam_optimized.CHUNK_BUDGET_CPU // sizes[1]  # 448x608: maps plus the decoder's working set
+    assert 16 * 448 * 608 + sam_optimized.DECODER_BYTES_PER_PROMPT < per_prompt < 2 * sam_optimized.DECODER_BYTES_PER_PROMPT
 
 
 @pytest.mark.parametrize("decoder", DECODERS)

@@ -7,7 +7,7 @@ Same labels as `sam_original` and, to float tolerance, the same probabilities; h
   class's dense (mask) embedding once per class;
 - the prompts of all classes run through SAM's mask decoder in bounded chunks that span classes
   (`sam_decoder`: SAM's own `MaskDecoder` by default, the hand-folded `FastDecoder` on request);
-  the chunk size comes from the image size (`_chunk_size`);
+  the chunk size comes from the image size and the decoder's working set (`_chunk_size`);
 - masks are upscaled (`postprocess_masks`) only for prompts whose predicted IoU passes, once,
   and folded straight into the per-class maxima (`_MapState`), so memory does not grow with the
   number of regions.
@@ -110,16 +110,21 @@ def _build_prompts(regions: Regions, probs_down: Tensor, image_hw: tuple[int, in
     return _Prompts(regions.class_ids.to(sparse.device), sparse, dense_row, dense)
 
 
-# Memory for one chunk of prompts at the image's size: each passing prompt's logits, their sigmoid
-# and the product with the class probabilities (about four float32 maps of H×W per prompt).
+# Memory for one chunk of prompts: each passing prompt's image-sized logits, their sigmoid and the
+# product with the class probabilities (about four float32 maps of H×W), its 256×256 low-res masks,
+# and the decoder's working set: about eight float32 copies of SAM's 256×64×64 image embedding
+# per prompt (measured on the CPU: ~31 MiB per extra prompt for SAM's MaskDecoder, ~25 for FastDecoder).
 CHUNK_BUDGET_CPU = 256 * 2**20
 MAX_CHUNK = 64
+DECODER_BYTES_PER_PROMPT = 8 * 4 * 256 * 64 * 64
 
 
 def _chunk_size(device: torch.device, image_hw: tuple[int, int]) -> int:
     """Prompts per decoder chunk, sized from the image: a budget (on CUDA, a quarter of the free
-    memory; on the CPU, `CHUNK_BUDGET_CPU`) over four float32 H×W maps per prompt, at most 64."""
-    per_prompt = 4 * 4 * image_hw[0] * image_hw[1] + 4 * 4 * 256 * 256
+    memory; on the CPU, `CHUNK_BUDGET_CPU`) over one prompt's image-sized maps plus the decoder's
+    working set, at most `MAX_CHUNK`. (On the CPU small chunks are also the fast ones: SAM's decoder
+    takes ~65 ms per prompt in chunks of 1-4 and ~110 ms in chunks of 16-48, cache-bound.)"""
+    per_prompt = 4 * 4 * image_hw[0] * image_hw[1] + 4 * 4 * 256 * 256 + DECODER_BYTES_PER_PROMPT
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = free // 4
