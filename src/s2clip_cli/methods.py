@@ -52,6 +52,9 @@ POSTPROCESS_STEPS: dict[str, str] = {
     "sam": "Trident SAM prompt refinement (components → box + point + mask prompts)",
 }
 
+# Steps a method lists that run only when asked for (the option that turns them on).
+OPTIONAL_STEPS: dict[str, str] = {"sd": "--sd"}
+
 TEMPLATES: dict[str, str] = {
     "openai80": "the 80 OpenAI ImageNet templates (open_clip's OPENAI_IMAGENET_TEMPLATES)",
     "maskclip85": "MaskCLIP: the 80 ImageNet templates + 5 'there is a {} in the scene' ones",
@@ -153,9 +156,12 @@ def _extra(**values: Any) -> Mapping[str, Any]:
 
 _PROTOCOL_COMMON = (
     "Common to all baselines under s2clip: open_clip with OpenAI weights; the positional embedding is "
-    "resampled by ClipBackbone (timm bicubic to the exact grid) instead of the lineage's "
-    "scale_factor=(g+0.1)/14 bicubic; precision follows --precision (the references run fp16); "
-    "predictions are resized to the label size and scored by our mmseg-style IoU (confusion matrix)."
+    "resampled as the mmseg family does (bicubic, scale factor (g+0.1)/14); windows are cut as mmseg's "
+    "slide inference and padded (centred, CLIP's mean colour = zeros after normalisation) to the patch "
+    "multiple; overlapping window cosines are averaged before the logit scale; predictions are resized "
+    "to the label size and scored by our mmseg-style IoU (confusion matrix); precision follows "
+    "--precision (auto = fp16 on CUDA as the references run, fp32 on the CPU), attention softmax and "
+    "classification always float32."
 )
 
 METHODS: dict[str, Method] = {}
@@ -199,6 +205,7 @@ _add(Method(
                  _miou((61.3, 35.3, 37.5, 80.3, 38.1, 39.1, 20.2, 26.5))),
     ),
     deviations=(
+        "Runs S2CLIP's code path with one layer (the last block's input), so --layers turns it hierarchical. "
         "mean(S) of the proxy attention is taken per window (ProxyCLIP: over the batch, which is one window in "
         "its eval, so equal); windows are padded to the CLIP/VFM patch multiple (ProxyCLIP: 56); the DINO "
         "branch uses both image sides (ProxyCLIP uses the height for both, equal for square crops); our "
@@ -229,12 +236,18 @@ _add(Method(
                  _miou((64.5, 37.2, 39.5, 83.7, 40.4, 40.9, 20.9, 27.6))),
     ),
     deviations=(
-        "Our presets are Trident's configs (resize, crop 336/stride 224, prob_thd, coarse_thresh). "
-        "s2clip has no stage for Trident's splice-then-segment SAM attention ('trident_sam_attention'); "
-        "without it the method runs as ProxyCLIP with DINO ViT-B/16 on Trident's windows plus SAM prompts. "
-        "mean(S) is per window (Trident batches all windows of an image and takes it over the batch); Trident's "
-        "SAM branch re-reads the original file from disk; its background merge assumes synonyms only on "
-        "line 0 (true of our files). " + _PROTOCOL_COMMON
+        "Our presets are Trident's configs (resize, crop 336/stride 224, prob_thd, coarse_thresh, cos_fac, "
+        "refine_neg_cos). Splice-then-segment as Trident: the resized image brought to multiples of 16 "
+        "(its preprocess_image), per-window last-block tokens from DINO ViT-B/16 proxy attention (before "
+        "ln_post) pasted on the image token grid and averaged, mixed by SAM ViT-B's cos_fac-thresholded "
+        "last-block attention computed on the original image rounded up to x16 (Cityscapes: left/right "
+        "halves), then ln_post/proj, cosines on SAM's grid, SAM prompt refinement (--no-sam skips only the "
+        "prompts). Differences: mean(S) is per window (Trident batches all windows of an image and takes it "
+        "over the batch, so its result depends on the batch); the SAM branch takes the image in memory "
+        "(Trident re-reads the file from disk); SAM's encoder runs twice (guidance on the x16-rounded image, "
+        "prompts on the image; Trident encodes once); a guidance row with no kept entry keeps its own token "
+        "(Trident: NaN); classes merge by max over names (Trident's merge assumes synonyms on line 0 only, "
+        "true of our files). " + _PROTOCOL_COMMON
     ),
     reference="YuHengsss/Trident a93b346",
 ))
@@ -287,7 +300,8 @@ _add(Method(
                  _miou((59.1, 30.4, 30.5, 80.4, 32.2, 34.2, 16.1, 22.4))),
     ),
     deviations=(
-        "Correlative self-attention with the residual and FFN kept (SCLIP's code; its rows sum to 2). "
+        "Correlative self-attention with the residual and FFN kept (SCLIP's code; its rows sum to 2); area_thd "
+        "on VOC21 applied as SCLIP's postprocess_result (after the name merge, before prob_thd). "
         + _SCLIP_CLASS_NOTE + " SCLIP loads OpenAI CLIP (fp16 on GPU). " + _PROTOCOL_COMMON
     ),
     reference="wangf3014/SCLIP b56bd30",
@@ -312,8 +326,10 @@ _add(Method(
     ),
     deviations=(
         "Neighbourhood attention (k-k plus a Gaussian over patch positions, sigma 5) without residual/FFN, and "
-        "PAMR on the cosine logits at label size with the CLIP-normalised image (as NACLIP). "
-        + _SCLIP_CLASS_NOTE + " " + _PROTOCOL_COMMON
+        "PAMR (10 iterations, dilations 8/16; --no-pamr for the paper's numbers) on the cosine logits at label "
+        "size with the CLIP-normalised image, before the logit scale (as NACLIP). VOC21/VOC20 run the whole "
+        "image in one pass as NACLIP v2, padded to x16 (NACLIP feeds it unpadded: the patch conv drops the "
+        "remainder). " + _SCLIP_CLASS_NOTE + " " + _PROTOCOL_COMMON
     ),
     reference="sinahmr/NACLIP 0cac3a6 (v2 code); PAMR from visinf/1-stage-wseg",
 ))
@@ -384,7 +400,7 @@ def _cliper(logit: float, templates: str, attention_thr: float, score_thr: float
 _add(Method(
     name="cliper", title="CLIPer", strategy="fused", residual=False, ffn=False, layers=LAYERS_CLIPER,
     vfm=None, postprocess=("cliper_propagation", "sd"), logit_scale=100.0,
-    defaults=Protocol(short_side=336, whole_image=True, templates="cliper_car15",
+    defaults=Protocol(short_side=336, whole_image=True, templates="cliper_car15", prob_thd=0.0,
                       extra=_extra(round_to_patch=True, slide_stride=112, slide_weight=0.5, sd_version="v2.1",
                                    sd_time_step=45, sd_layers=(-4, -6), refinement="SFSA")),
     protocol=_per_preset(
@@ -412,12 +428,22 @@ _add(Method(
                  MappingProxyType({"coco_object": "COCO-2014 5k val (WSSS masks), not COCO-Object"})),
     ),
     deviations=(
+        "Our decision rule, stated: CLIPer runs whole-image (the README's 'no window' rows; the sliding-window "
+        "variant is not implemented) at short side 336 (560 City) with both sides rounded to the nearest x16 "
+        "(bicubic, after our mmseg resize; CLIPer resizes once with PIL bicubic), fused attention over blocks "
+        "0..L-2, all-layer fusion and attention propagation as its code (in-place normalisation quirk kept); "
+        "per layer the softmax runs over our names plus CLIPer's mean-of-foreground query (dropped after); the "
+        "coarse map (propagated last layer + layer mean) is normalised per pixel over the names, then classes "
+        "take the max over their names and the argmax wins, with prob_thd 0: CLIPer's bkg_thre and "
+        "score_threshold act on max-normalised class maps of its own rule and mean nothing on these "
+        "probabilities, so background is decided by our background names (line 0 of our class files), as for "
+        "every other method. SD refinement only with --sd (threshold = attention_thr, seeded noise). "
         "CLIPer's numbers are not protocol-compatible with ours: its 'Object' is 5 000 COCO-2014 val images with "
         "WSSS masks (we evaluate COCO-Object from val2017), its mIoU averages only classes present in the ground "
         "truth (ours: mmseg IoU over all classes), it classifies against [classes, each background word, mean "
         "class embedding] with per-dataset class-score thresholds (score_threshold, bkg_thre, is_normalize in "
         "`extra`) instead of prob_thd, splits background lines into single words (VOC21: 25 words, COCO: 23; we "
-        "use our background lines), uses 15 'car' templates on most datasets (we have the 80 OpenAI ones), "
+        "use our background lines), uses 15 'car' templates on most datasets (we use them too, per its configs), "
         "rounds both image sides to multiples of 16 with PIL bicubic, resizes the positional embedding "
         "bilinearly, runs fp16 and unseeded SD noise; its VOC20 is VOC21 with label 0 ignored. The committed "
         "configs slide on VOC21/Ctx60/Obj/Ctx59 only (sliding_crop_size), while the README reports both "
@@ -493,7 +519,8 @@ def method_table_rows() -> list[dict[str, str]]:
             "residual/FFN": f"{_yes_no(m.residual)}/{_yes_no(m.ffn)}",
             "layers": m.layers,
             "VFM": m.vfm or "–",
-            "post-processing": ", ".join(m.postprocess) or "–",
+            "post-processing": ", ".join(f"{step} ({OPTIONAL_STEPS[step]})" if step in OPTIONAL_STEPS else step
+                                         for step in m.postprocess) or "–",
         }
         row.update({TABLE_HEADERS[p]: cell for p, cell in zip(TABLE_PRESETS, _format_miou(primary), strict=True)})
         row["source"] = primary.source
@@ -507,7 +534,7 @@ def deviations(name: str) -> str:
 
 
 __all__ = [
-    "LAYER_POLICIES", "METHODS", "POSTPROCESS_STEPS", "TABLE_HEADERS", "TABLE_PRESETS", "TEMPLATES", "Method",
+    "LAYER_POLICIES", "METHODS", "OPTIONAL_STEPS", "POSTPROCESS_STEPS", "TABLE_HEADERS", "TABLE_PRESETS", "TEMPLATES", "Method",
     "Protocol", "Reported", "ResolvedProtocol", "deviations", "get_method", "method_table_rows",
     "resolve_protocol",
 ]

@@ -16,8 +16,10 @@ from .bench import bench_sam
 from .common import console, out, user_errors
 from .data import data_app
 from .evaluate import eval_command
+from .methods import methods
 from .models import models_app
 from .segment import segment
+from .visualize import visualize
 
 
 class OneLineErrors(TyperGroup):
@@ -57,6 +59,8 @@ app.command("eval")(eval_command)
 app.command("bench-sam")(bench_sam)
 app.command()(entropy)
 app.command()(ap)
+app.command()(methods)
+app.command()(visualize)
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 

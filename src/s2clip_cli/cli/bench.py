@@ -18,7 +18,6 @@ from .common import (
     PresetName,
     SamOpt,
     SdThresholdOpt,
-    VfmOpt,
     WeightsOpt,
     config_record,
     out,
@@ -26,6 +25,7 @@ from .common import (
     value,
     warn_random,
 )
+from .methods import MethodOpt, MethodVfmOpt, PamrOpt, given
 
 
 @user_errors
@@ -41,6 +41,8 @@ def bench_sam(
     repeats: Annotated[int, typer.Option(help="Timed repeats per image.")] = 1,
     seed: Annotated[int, typer.Option(help="Seed for --synthetic.")] = 0,
     iou_thresh: Annotated[float, typer.Option(help="Predicted-IoU threshold.")] = 0.8,
+    method: MethodOpt = "s2clip",
+    pamr: PamrOpt = None,
     sam: SamOpt = "vit_b",
     sd: Annotated[bool, typer.Option("--sd", help="Also time SAM+SD (CLIPer's SD refinement, then the optimized "
                                      "SAM refinement): the fourth row of Table 4.")] = False,
@@ -49,7 +51,7 @@ def bench_sam(
     output: Annotated[Path, typer.Option("--output", "-o", "--json", help="Where to write the JSON report.")] = Path(
         "bench-results/bench-sam.json"),
     clip: ClipOpt = "ViT-B/16",
-    vfm: VfmOpt = "dino_vitb8",
+    vfm: MethodVfmOpt = None,
     precision: PrecisionOpt = "auto",
     device: DeviceOpt = "auto",
     models: ModelsOpt = "real",
@@ -70,12 +72,12 @@ def bench_sam(
         raise S2ClipError("give exactly one of --dataset, --images DIR or --synthetic N")
     loaded, fg, bg, preset = load_bench_inputs(images, value(dataset), data_root, limit,
                                                parse_class_list(classes) if classes else None)
-    cfg = SegmenterConfig(clip=value(clip), vfm=value(vfm), sam=value(sam), precision=value(precision),
+    cfg = SegmenterConfig(method=value(method), clip=value(clip), sam=value(sam), precision=value(precision),
                           sd=sd, sd_threshold=0.2 if sd_threshold is None else sd_threshold, seed=seed_sd,
                           models=value(models), device=value(device), offline=offline,
                           weights=ModelPaths(clip=clip_weights, vfm=vfm_weights, sam=sam_weights, sd=sd_weights))
     warn_random(value(models))
     run_bench_sam(cfg, classes=fg, background=bg, images=loaded, synthetic=synthetic, preset=preset, seed=seed,
-                  sd_threshold=sd_threshold,
+                  sd_threshold=sd_threshold, explicit=given(vfm=value(vfm), pamr=pamr),
                   repeats=repeats, iou_thresh=iou_thresh, json_path=output, console=out,
                   record_config=config_record(ctx))

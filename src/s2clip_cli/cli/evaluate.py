@@ -25,11 +25,9 @@ from .common import (
     OfflineOpt,
     PrecisionOpt,
     SamImplOpt,
-    SamOpt,
     SdOpt,
     SdThresholdOpt,
     SeedOpt,
-    VfmOpt,
     WeightsOpt,
     WindowBatchOpt,
     config_record,
@@ -41,6 +39,7 @@ from .common import (
     value,
     warn_random,
 )
+from .methods import MethodOrAllOpt, MethodSamOpt, MethodVfmOpt, PamrOpt, given
 from .segment import refine_config
 
 
@@ -60,15 +59,23 @@ def eval_command(
                                            "records.")] = Path("runs/eval"),
     save_preds: Annotated[bool, typer.Option("--save-preds", help="Write palette PNGs of predictions.")] = False,
     list_datasets: Annotated[bool, typer.Option("--list-datasets", help="Print the preset table and exit.")] = False,
+    method: MethodOrAllOpt = "s2clip",
+    short_side: Annotated[int | None, typer.Option(help="Override the protocol's resize (short side).")] = None,
+    crop: Annotated[int | None, typer.Option(help="Override the protocol's window size.")] = None,
+    stride: Annotated[int | None, typer.Option(help="Override the protocol's window stride.")] = None,
+    prob_thd: Annotated[float | None, typer.Option(help="Override the protocol's background probability "
+                                                   "threshold.")] = None,
+    logit_scale: Annotated[float | None, typer.Option(help="Override the protocol's logit scale.")] = None,
+    pamr: PamrOpt = None,
     no_sam: NoSamOpt = False,
-    sam: SamOpt = "vit_b",
+    sam: MethodSamOpt = None,
     sam_impl: SamImplOpt = "optimized",
     no_cca: NoCcaOpt = False,
     no_box: NoBoxOpt = False,
     no_mask: NoMaskOpt = False,
     no_point: NoPointOpt = False,
     clip: ClipOpt = "ViT-B/16",
-    vfm: VfmOpt = "dino_vitb8",
+    vfm: MethodVfmOpt = None,
     layers: LayersOpt = None,
     combine: CombineOpt = "mean",
     window_batch: WindowBatchOpt = 4,
@@ -87,7 +94,8 @@ def eval_command(
     config: ConfigOpt = None,
 ) -> None:
     """Evaluate on a benchmark (mIoU, mAcc, aAcc); resumable; shards across ranks under torchrun."""
-    from ..commands.evaluate import presets_table, run_eval
+    from ..commands.evaluate import presets_table, run_eval, run_eval_methods
+    from ..commands.methods import parse_methods
     from ..models.factory import ModelPaths
     from ..pipeline.segmenter import SegmenterConfig
 
@@ -97,22 +105,36 @@ def eval_command(
     if dataset is None and images is None:
         raise S2ClipError("give --dataset NAME (see --list-datasets) or --images/--masks/--class-names")
     names = dataset_list(dataset) if dataset is not None else ["custom"]
+    methods = parse_methods(value(method))
     base = SegmenterConfig(
-        clip=value(clip), vfm=value(vfm), sam=None if no_sam else value(sam), layers=parse_layers(layers),
-        combine=value(combine), window_batch=window_batch, sd=sd, seed=seed,
+        method=methods[0], clip=value(clip), window_batch=window_batch, sd=sd, seed=seed,
         refine=refine_config(sam_impl, no_cca, no_box, no_mask, no_point),
         precision=value(precision), models=value(models), device=value(device), offline=offline,
         weights=ModelPaths(clip=clip_weights, vfm=vfm_weights, sam=sam_weights, sd=sd_weights),
     )
+    explicit = given(short_side=short_side, crop=crop, stride=stride, prob_thd=prob_thd, logit_scale=logit_scale,
+                     vfm=value(vfm), sam=value(sam), layers=parse_layers(layers),
+                     combine=value(combine) if value(combine) != "mean" else None, pamr=pamr, no_sam=no_sam or None)
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         warn_random(value(models))
-    results = run_eval(names, data_root, base, work_dir=work_dir, limit=limit, save_preds=save_preds,
-                       num_workers=num_workers, images=images, masks=masks, class_names=class_names,
-                       reduce_zero_label=reduce_zero_label, console=console, record_config=config_record(ctx),
-                       sd_threshold=sd_threshold)
+    common = dict(limit=limit, save_preds=save_preds, num_workers=num_workers, images=images, masks=masks,
+                  class_names=class_names, reduce_zero_label=reduce_zero_label, sd_threshold=sd_threshold,
+                  explicit=explicit)
+    if len(methods) > 1:
+        by_method = run_eval_methods(methods, names, data_root, base, work_dir=work_dir, console=console,
+                                     record_config=config_record(ctx), **common)
+    else:
+        by_method = {methods[0]: run_eval(names, data_root, base, work_dir=work_dir, console=console,
+                                          record_config=config_record(ctx), **common)}
     if rank == 0:
-        for name, res in zip(names, results, strict=True):
-            s = res["summary"]
-            out.print(f"{name}: mIoU {s['mIoU']:.2f}  mAcc {s['mAcc']:.2f}  aAcc {s['aAcc']:.2f}  "
-                      f"({res.get('num_images', '?')} images) -> {work_dir}", highlight=False)
+        for method_name, results in by_method.items():
+            where = work_dir / method_name if len(methods) > 1 else work_dir
+            for name, res in zip(names, results, strict=True):
+                s = res["summary"]
+                label = f"{method_name} {name}" if len(methods) > 1 else name
+                out.print(f"{label}: mIoU {s['mIoU']:.2f}  mAcc {s['mAcc']:.2f}  aAcc {s['aAcc']:.2f}  "
+                          f"({res.get('num_images', '?')} images) -> {where}", highlight=False, soft_wrap=True)
+        if len(methods) > 1:
+            out.print(f"comparison -> {work_dir / 'comparison.md'}, {work_dir / 'comparison.json'}", highlight=False,
+                      soft_wrap=True)

@@ -25,17 +25,18 @@ from ..models.precision import dtype_name
 from ..pipeline.segmenter import Segmenter, SegmenterConfig
 from ..profiling import StageTimer
 from ..refine.benchmark import benchmark_refinement, report_table, synthetic_refine_inputs
-from .evaluate import resolve_data_root, segmenter_config_for, split_background
+from .evaluate import resolve_data_root, split_background
+from .methods import method_config
 
 Sample = tuple[np.ndarray, torch.Tensor, torch.Tensor]
 
 
 def coarse_sample(seg: Segmenter, image: np.ndarray) -> tuple[Sample, float]:
-    """(image, labels [1,H,W], probs [C,H,W]) from the pipeline without SAM, and its seconds."""
+    """(image, labels [1,H,W], probs [C,H,W]) from the pipeline without SAM (the method's coarse
+    maps, PAMR included when it has it), and its seconds."""
     timer = StageTimer(seg.device)
     with timer("no_sam"), torch.no_grad():
-        logits = seg.predict_logits(image)
-        labels, probs = seg.classify(logits, image.shape[:2])
+        labels, probs = seg.coarse(image, image.shape[:2])
     return (image, labels[None].cpu(), probs.cpu()), timer.times["no_sam"]
 
 
@@ -89,13 +90,17 @@ def run_bench_sam(config: SegmenterConfig, *, classes: list[list[str]], backgrou
                   images: list[np.ndarray] | None, synthetic: int | None, preset: DatasetPreset | None = None,
                   seed: int = 0, repeats: int = 1, iou_thresh: float = 0.8, json_path: Path | None = None,
                   console: Console | None = None, record_config: dict[str, Any] | None = None,
-                  sd_threshold: float | None = None) -> dict[str, Any]:
-    """Build the models once, then time the three variants; writes JSON when `json_path` is given."""
+                  sd_threshold: float | None = None, explicit: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build the models once, then time the three variants; writes JSON when `json_path` is given.
+
+    The coarse maps are `config.method`'s, under its protocol on `preset` (its own defaults without
+    one), with `explicit` options on top; SAM is always loaded (it is what is timed)."""
     console = console or Console(stderr=True)
     if config.sam is None:
         raise S2ClipError("bench-sam needs a SAM model (drop --no-sam)")
-    if preset is not None:
-        config = segmenter_config_for(config, preset, sd_threshold)
+    sam = config.sam
+    given = {**(explicit or {}), **({"sd_threshold": sd_threshold} if sd_threshold is not None else {})}
+    config = method_config(config, config.method, preset, {**given, "sam": sam})
     if json_path is not None:
         prepare_output_dir(json_path.parent)  # fail now, not after the benchmark
     with console.status("loading models…"), warnings.catch_warnings():
@@ -137,7 +142,8 @@ def run_bench_sam(config: SegmenterConfig, *, classes: list[list[str]], backgrou
         console.print(f"optimized vs original: components {sp['components']:.1f}x, refinement excluding the image "
                       f"encoder {sp['refine_excluding_encoder']:.2f}x; equal label pixels "
                       f"{100 * ag['label_pixels_equal']:.4f}%")
-    result = {"config": record_config or {}, "source": source, "models": seg.models.mode, "sam": config.sam,
+    result = {"config": record_config or {}, "method": seg.config.method, "source": source,
+              "models": seg.models.mode, "sam": config.sam,
               "device": str(seg.device), "precision": dtype_name(seg.dtype),
               "preset": preset.name if preset else None, "short_side": seg.config.short_side,
               "stride": seg.config.stride, "prob_thd": seg.config.prob_thd, "coarse_thresh": rc.coarse_thresh,

@@ -1,9 +1,11 @@
-"""Driver of `s2clip eval`: a Segmenter configured by each dataset's preset, fed to the resumable
-(and, under torchrun, sharded) runner."""
+"""Driver of `s2clip eval`: a Segmenter configured by each dataset's preset and the method's protocol
+on it, fed to the resumable (and, under torchrun, sharded) runner; `--method all` runs every method
+into its own sub-folder and writes one comparison table."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,14 +17,17 @@ from rich.table import Table
 
 from ..data.check import official_count_mismatch
 from ..data.datasets import SegDataset, open_dataset
-from ..data.presets import CUSTOM, PRESETS, DatasetPreset
+from ..data.presets import CUSTOM, PRESETS
 from ..data.sources import default_data_root, prepare_command
 from ..errors import S2ClipError
 from ..evaluation.distributed import DistContext
 from ..evaluation.runner import evaluate
-from ..models.factory import prefetch_weights
-from ..models.precision import dtype_name
+from ..io.files import atomic_write_text, write_json
+from ..methods import TABLE_HEADERS, get_method
+from ..models.factory import LoadedModels, load_models, prefetch_weights, resolve_device
+from ..models.precision import compute_dtype, dtype_name
 from ..pipeline.segmenter import SD_MODEL, Segmenter, SegmenterConfig
+from .methods import method_class_names, method_config
 
 
 def presets_table() -> Table:
@@ -39,18 +44,6 @@ def presets_table() -> Table:
     return table
 
 
-def segmenter_config_for(base: SegmenterConfig, preset: DatasetPreset,
-                         sd_threshold: float | None = None) -> SegmenterConfig:
-    """The preset fixes resize scale, windows, prob_thd, logit scale, the coarse threshold and the SD
-    threshold (unless `sd_threshold` is given)."""
-    return dataclasses.replace(
-        base, short_side=preset.short_side, crop=preset.crop, stride=preset.stride,
-        prob_thd=preset.prob_thd, logit_scale=preset.logit_scale,
-        refine=dataclasses.replace(base.refine, coarse_thresh=preset.coarse_thresh),
-        sd_threshold=preset.sd_threshold if sd_threshold is None else sd_threshold,
-    )
-
-
 def split_background(dataset: SegDataset) -> tuple[list[list[str]], list[str] | None]:
     """(foreground classes, background names): with-background presets query class 0's names."""
     if dataset.preset.has_background:
@@ -62,16 +55,55 @@ def run_config(cfg: SegmenterConfig, seg: Segmenter) -> dict[str, Any]:
     """Settings that change predictions (the runner hashes them to refuse mixing runs): the
     pipeline's, the weights' content identities, the device type and the precisions."""
     rc = cfg.refine
+    method = seg.method
     return {
-        "clip": cfg.clip, "vfm": cfg.vfm, "layers": seg.layers, "combine": cfg.combine,
+        "method": cfg.method, "clip": cfg.clip, "vfm": cfg.vfm if method.vfm is not None else None,
+        "layers": seg.layers, "combine": cfg.combine,
         "entropy_tau": cfg.entropy_tau, "short_side": cfg.short_side, "crop": cfg.crop, "stride": cfg.stride,
         "beta": cfg.beta, "gamma": cfg.gamma, "logit_scale": cfg.logit_scale, "prob_thd": cfg.prob_thd,
         "sam": cfg.sam, "refine": dataclasses.asdict(rc) if cfg.sam else None,
-        "models": cfg.models, "weights": seg.models.identity,
+        "models": cfg.models, "weights": used_weights(cfg, seg),
         "device": seg.device.type, "precision": dtype_name(seg.dtype),
         "sam_encoder_precision": dtype_name(seg.sam_dtype) if cfg.sam else None,
         "sd": {"threshold": cfg.sd_threshold, "seed": cfg.seed} if cfg.sd else None,
+        **method_settings_record(cfg),
     }
+
+
+def used_weights(cfg: SegmenterConfig, seg: Segmenter) -> dict[str, str]:
+    """The content identities of the models this configuration runs (a shared model set may hold
+    more, `ModelPool`)."""
+    used = {cfg.clip}
+    if seg.method.vfm is not None:
+        used.add(cfg.vfm)
+    if cfg.sam is not None:
+        used.add(cfg.sam)
+    if cfg.sd:
+        used.add(SD_MODEL)
+    return {name: ident for name, ident in seg.models.identity.items() if name in used}
+
+
+def method_settings_record(cfg: SegmenterConfig) -> dict[str, Any]:
+    """The method-specific settings that change predictions (only those the method uses, so that
+    the default method's record is what it was before methods existed, plus its name)."""
+    method = get_method(cfg.method)
+    out: dict[str, Any] = {}
+    if cfg.whole_image:
+        out["whole_image"] = True
+    if cfg.area_thd is not None:
+        out["area_thd"] = cfg.area_thd
+    if cfg.templates != "openai80":
+        out["templates"] = cfg.templates
+    if cfg.pamr:
+        out["pamr"] = {"iterations": cfg.pamr_iterations, "dilations": list(cfg.pamr_dilations)}
+    if method.strategy == "neighbourhood":
+        out["sigma"] = cfg.sigma
+    if method.name == "cliper":
+        out["attention_thr"] = cfg.attention_thr
+    if method.name == "trident":
+        out["trident"] = {"cos_fac": cfg.cos_fac, "refine_neg_cos": cfg.refine_neg_cos, "halves": cfg.sam_halves,
+                          "sam_prompts": cfg.sam_refine}
+    return out
 
 
 def resolve_data_root(name: str, data_root: Path | None, several: bool) -> Path:
@@ -94,13 +126,53 @@ def open_datasets(names: list[str], data_root: Path | None, **custom: Any) -> li
     return [(name, open_dataset(name, resolve_data_root(name, data_root, several))) for name in names]
 
 
+class ModelPool:
+    """Loaded model sets of one process, shared between methods (`eval --method all`): a method
+    reuses a set holding its CLIP, and its VFM and SAM when it needs them; a new set reuses the CLIP
+    already loaded (so text embeddings are computed once per CLIP)."""
+
+    def __init__(self) -> None:
+        self.sets: list[LoadedModels] = []
+
+    def get(self, cfg: SegmenterConfig) -> LoadedModels:
+        needs_vfm = get_method(cfg.method).vfm is not None or cfg.method == "s2clip"
+        for models in self.sets:
+            if self._fits(models, cfg, needs_vfm):
+                return models
+        device = resolve_device(cfg.device)
+        models = load_models(cfg.clip, cfg.vfm, cfg.sam, mode=cfg.models, paths=cfg.weights, offline=cfg.offline,
+                             device=device, sd_name=SD_MODEL if cfg.sd else None,
+                             sd_dtype=compute_dtype(cfg.precision, device))
+        same_clip = next((m for m in self.sets if m.clip.name == cfg.clip), None)
+        if same_clip is not None:
+            models = dataclasses.replace(models, clip=same_clip.clip)
+        self.sets.append(models)
+        return models
+
+    @staticmethod
+    def _fits(models: LoadedModels, cfg: SegmenterConfig, needs_vfm: bool) -> bool:
+        if models.clip.name != cfg.clip:
+            return False
+        if needs_vfm and cfg.vfm not in models.identity:
+            return False
+        if cfg.sam is not None and (models.sam is None or cfg.sam not in models.identity):
+            return False
+        return not (cfg.sd and models.sd is None)
+
+
 def run_eval(dataset_names: list[str], data_root: Path | None, base: SegmenterConfig, *, work_dir: Path,
              limit: int | None = None, save_preds: bool = False, num_workers: int = 2,
              images: Path | None = None, masks: Path | None = None, class_names: Path | None = None,
              reduce_zero_label: bool = False, console: Console | None = None,
-             record_config: dict[str, Any] | None = None, sd_threshold: float | None = None) -> list[dict[str, Any]]:
-    """Evaluate on each dataset; returns each dataset's results dict."""
+             record_config: dict[str, Any] | None = None, sd_threshold: float | None = None,
+             explicit: dict[str, Any] | None = None, strict: bool = True,
+             pool: ModelPool | None = None) -> list[dict[str, Any]]:
+    """Evaluate `base.method` on each dataset; returns each dataset's results dict.
+
+    Each dataset's configuration is the method's protocol on its preset (`commands.methods`) with
+    the options in `explicit` (given by the user) on top; `sd_threshold` is one of them."""
     console = console or Console(stderr=True)
+    explicit = {**(explicit or {}), **({"sd_threshold": sd_threshold} if sd_threshold is not None else {})}
     device = str(base.device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -111,23 +183,31 @@ def run_eval(dataset_names: list[str], data_root: Path | None, base: SegmenterCo
         base = dataclasses.replace(base, device=device)
         datasets = open_datasets(dataset_names, data_root, images=images, masks=masks, class_names=class_names,
                                  reduce_zero_label=reduce_zero_label)
+        configs = [method_config(base, base.method, ds.preset, explicit, strict=strict) for _, ds in datasets]
+        first = configs[0]
         # Under several ranks, rank 0 fetches the weights while the others wait.
-        prefetch_weights(base.clip, base.vfm, base.sam, sd_name=SD_MODEL if base.sd else None, mode=base.models,
-                         paths=base.weights, offline=base.offline, group=ctx)
+        prefetch_weights(first.clip, first.vfm, first.sam, sd_name=SD_MODEL if first.sd else None,
+                         mode=first.models, paths=first.weights, offline=first.offline, group=ctx)
         many = len(datasets) > 1
         models = None
         results = []
-        for name, ds in datasets:
+        for (name, ds), cfg in zip(datasets, configs, strict=True):
             mismatch = official_count_mismatch(name, len(ds)) if name != CUSTOM else None
             if mismatch and ctx.is_main:
                 console.print(f"[bold yellow]warning:[/] {mismatch}", highlight=False)
-            cfg = segmenter_config_for(base, ds.preset, sd_threshold)
+            variant = method_class_names(cfg.method, ds.preset)
+            if variant is not None:  # the method's own class-name file (e.g. ClearCLIP's 'background')
+                ds = dataclasses.replace(ds, class_names=variant)
             classes, background = split_background(ds)
+            if models is None and pool is not None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    models = pool.get(cfg)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 seg = Segmenter.build(cfg, classes, background, models=models)
             models = seg.models  # one set of models for every dataset
-            use_sam = cfg.sam is not None
+            use_sam = seg.uses_sam_prompts
 
             def predict(image: np.ndarray, image_id: str, seg: Segmenter = seg, use_sam: bool = use_sam) -> np.ndarray:
                 return seg(image, refine=use_sam).labels
@@ -140,3 +220,64 @@ def run_eval(dataset_names: list[str], data_root: Path | None, base: SegmenterCo
         return results
     finally:
         ctx.close()
+
+
+def run_eval_methods(methods: list[str], dataset_names: list[str], data_root: Path | None, base: SegmenterConfig,
+                     *, work_dir: Path, record_config: dict[str, Any] | None = None,
+                     console: Console | None = None, **kwargs: Any) -> dict[str, list[dict[str, Any]]]:
+    """`eval --method all`: each method in turn into ``work_dir/<method>/`` (options that a method
+    cannot use are skipped for it), sharing loaded models; then ``work_dir/comparison.md`` and
+    ``comparison.json`` (method × dataset mIoU next to the reported value). Returns each method's
+    results."""
+    console = console or Console(stderr=True)
+    pool = ModelPool()
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for method in methods:
+        console.print(f"[bold]method {method}[/]", highlight=False)
+        record = {**(record_config or {}), "method": method}
+        by_method[method] = run_eval(dataset_names, data_root, dataclasses.replace(base, method=method),
+                                     work_dir=work_dir / method, record_config=record, console=console,
+                                     strict=False, pool=pool, **kwargs)
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_comparison(work_dir, dataset_names, by_method)
+    return by_method
+
+
+def comparison(dataset_names: list[str], by_method: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Method × dataset: our mIoU (and images evaluated) next to the first reported value."""
+    rows: dict[str, dict[str, Any]] = {}
+    for method, results in by_method.items():
+        reported = get_method(method).reported[0]
+        cells = {}
+        for name, res in zip(dataset_names, results, strict=True):
+            cells[name] = {"miou": res["summary"]["mIoU"], "num_images": res.get("num_images"),
+                           "reported": reported.miou.get(name), "reported_caveat": reported.caveats.get(name)}
+        rows[method] = {"reported_source": reported.source, "datasets": cells}
+    return {"datasets": dataset_names, "methods": rows}
+
+
+def comparison_markdown(table: dict[str, Any]) -> str:
+    """The comparison as a markdown table: ``ours (reported)`` per cell."""
+    names = table["datasets"]
+    header = ["method", *(TABLE_HEADERS.get(n, n) for n in names)]
+    lines = ["# s2clip: methods under one protocol", "",
+             "mIoU (%) from this run, the method's reported value in parentheses (– none; * other dataset or "
+             "protocol; see `s2clip methods`).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, row in table["methods"].items():
+        cells = []
+        for n in names:
+            c = row["datasets"][n]
+            rep = "–" if c["reported"] is None else f"{c['reported']:g}" + ("*" if c["reported_caveat"] else "")
+            cells.append(f"{c['miou']:.2f} ({rep})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "Reported values:", ""] + [f"- {m}: {r['reported_source']}" for m, r in table["methods"].items()]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_comparison(work_dir: Path, dataset_names: list[str], by_method: dict[str, list[dict[str, Any]]]) -> Path:
+    """``comparison.json`` and ``comparison.md`` in `work_dir` (atomic); returns the markdown path."""
+    table = comparison(dataset_names, by_method)
+    write_json(work_dir / "comparison.json", table)
+    return atomic_write_text(work_dir / "comparison.md", comparison_markdown(table))

@@ -16,6 +16,7 @@ from ..io.images import read_image
 from ..io.outputs import class_shares, make_palette, save_mask_png, save_overlay
 from ..models.precision import dtype_name
 from ..pipeline.segmenter import Segmenter, SegmenterConfig
+from .methods import method_config
 
 
 def background_names(spec: str | None, classes: list[list[str]]) -> list[str]:
@@ -66,7 +67,12 @@ def segment_file(seg: Segmenter, path: Path, out_dir: Path, record_config: dict[
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
         "config": record_config or {},
         "run": {
-            "clip": seg.config.clip, "vfm": seg.config.vfm, "sam": seg.config.sam,
+            "method": seg.config.method, "clip": seg.config.clip,
+            "vfm": seg.config.vfm if seg.method.vfm is not None else None,
+            "sam": seg.config.sam if seg.models.sam is not None else None, "sam_prompts": seg.uses_sam_prompts,
+            "short_side": seg.config.short_side,
+            "windows": "whole image" if seg.config.whole_image else [seg.config.crop, seg.config.stride],
+            "logit_scale": seg.config.logit_scale, "pamr": seg.config.pamr,
             "layers": seg.layers, "combine": seg.config.combine, "models": seg.models.mode,
             "device": str(seg.device), "precision": dtype_name(seg.dtype),
             "sam_encoder_precision": dtype_name(seg.sam_dtype),
@@ -87,9 +93,11 @@ def _summary(record: dict, top: int = 4) -> str:
 
 def run_segment(paths: list[Path], classes: list[list[str]], background: list[str] | None,
                 config: SegmenterConfig, out_dir: Path, *, console: Console, out: Console,
-                record_config: dict[str, Any] | None = None) -> int:
-    """Segment every path; returns the number of images that failed (each reported on one line)."""
+                record_config: dict[str, Any] | None = None, explicit: dict[str, Any] | None = None) -> int:
+    """Segment every path with `config.method` (its own defaults, `explicit` options on top);
+    returns the number of images that failed (each reported on one line)."""
     _check_unique_stems(paths)
+    config = method_config(config, config.method, None, explicit)
     with console.status("loading models and embedding class names…"), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         seg = Segmenter.build(config, classes, background)

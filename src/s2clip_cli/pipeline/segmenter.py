@@ -6,8 +6,15 @@
 >>> result.labels                # H x W int64, indices into seg.queries.labels
 
 Its pieces are usable on their own: `prepare` (resize to the working scale), `window_logits`
-(features and fusion of a batch of windows), `predict_logits` (windows stitched), `classify`
-(logits → labels and class probabilities) and `refine` (SAM post-processing).
+(features and fusion of a batch of windows), `predict_logits` (windows stitched), `refine_pamr`
+(PAMR on the logits), `classify` (logits → labels and class probabilities), `refine_sd` (CLIPer's
+SD refinement) and `refine` (SAM post-processing).
+
+`SegmenterConfig.method` picks one of the training-free methods of `s2clip_cli.methods` (default
+``s2clip``): its attention strategy, residual/FFN handling and layers come from the methods table
+(`method_features` holds one head per family); its per-benchmark protocol (resize, windows, logit
+scale, thresholds, templates, post-processing) is filled into the configuration's other fields by
+the caller (`s2clip_cli.commands.methods`).
 """
 
 from __future__ import annotations
@@ -24,14 +31,15 @@ from torch import Tensor
 from .. import config as defaults
 from ..config import RefineConfig
 from ..errors import S2ClipError
-from ..models.clip import CLIP_MEAN, CLIP_STD, default_layers
+from ..methods import LAYERS_HIERARCHICAL, METHODS, get_method
+from ..models.clip import CLIP_MEAN, CLIP_STD
 from ..models.factory import LoadedModels, ModelPaths, load_models, resolve_device
 from ..models.precision import autocast, compute_dtype, full_precision, sam_encoder_dtype
 from ..models.vfm import IMAGENET_MEAN, IMAGENET_STD
 from ..profiling import StageTimer
-from .fusion import proxy_attention, resample_matrix
-from .spatial_entropy import layer_entropy_weights, spatial_entropy
-from .text import ClassQueries, build_queries, encode_names
+from .fusion import resample_matrix
+from .method_features import PROBABILITY, make_head
+from .text import DEFAULT_TEMPLATE_SET, TEMPLATE_SETS, ClassQueries, build_queries, encode_names
 from .transforms import resize_short_side
 from .windows import Stitcher, WindowBatch, sliding_windows, window_batches
 
@@ -49,6 +57,7 @@ SD_MODEL = "sd21_base"
 class SegmenterConfig:
     """Every knob of the pipeline. Defaults are `s2clip segment`'s."""
 
+    method: str = "s2clip"  # a key of s2clip_cli.methods.METHODS: strategy, residual/FFN, layer policy
     clip: str = "ViT-B/16"
     vfm: str = "dino_vitb8"
     sam: str | None = "vit_b"  # None: no SAM post-processing
@@ -59,12 +68,30 @@ class SegmenterConfig:
     max_long_side: int = defaults.MAX_LONG_SIDE
     crop: int = defaults.CROP
     stride: int = defaults.SEGMENT_STRIDE
+    whole_image: bool = False  # one pass over the whole prepared image instead of sliding windows
     beta: float = defaults.BETA
     gamma: float = defaults.GAMMA
     logit_scale: float = defaults.LOGIT_SCALE
     prob_thd: float = 0.0  # pixels under it fall to the background (with-background runs only)
+    # SCLIP: a foreground class predicted on at most this fraction of the foreground pixels is dropped.
+    area_thd: float | None = None
+    templates: str = DEFAULT_TEMPLATE_SET  # prompt template set (pipeline.text.TEMPLATE_SETS)
+    sigma: float = 5.0  # NACLIP's neighbourhood Gaussian (patches)
+    # PAMR (NACLIP) on the cosine logits at the classification size, before the logit scale.
+    pamr: bool = False
+    pamr_iterations: int = 10
+    pamr_dilations: tuple[int, ...] = (8, 16)
+    # CLIPer: the last layer map's threshold (× per-name max) before its attention propagation.
+    attention_thr: float = 0.2
+    # Trident's SAM guidance: cos_fac, refine_neg_cos, and Cityscapes' left/right halves.
+    cos_fac: float = 1.2
+    refine_neg_cos: bool = True
+    sam_halves: bool = False
     window_batch: int = 4
     refine: RefineConfig = field(default_factory=RefineConfig)
+    # Run SAM's prompt refinement when a SAM model is loaded (False: the model only serves Trident's
+    # guidance).
+    sam_refine: bool = True
     # Where classification and SAM refinement run: at the input image's size (`image`, the
     # evaluation protocol), or at the resized working image (`resized`, bounded memory for large
     # photos; only the labels are brought to the image's size, by nearest neighbour).
@@ -99,22 +126,24 @@ class Segmenter:
         self.device = device
         self.dtype = compute_dtype(config.precision, device)
         self.sam_dtype = sam_encoder_dtype(config.precision, device, config.sam)
-        clip = models.clip
-        self.layers = sorted(set(config.layers)) if config.layers else default_layers(clip.num_blocks)
-        text_id = None if models.is_random else f"{clip.name}|{models.identity.get(clip.name, '')}"
-        with full_precision(device):
-            self.text = encode_names(clip, queries.names, text_id).to(device)  # [Q, E]
-        self.name_to_class = torch.tensor(queries.name_to_class, device=device)
-        self._resample_cache: dict[tuple[tuple[int, int], tuple[int, int]], Tensor] = {}
-        self._predictor = None
-        self._mean = {
+        self.method = get_method(config.method)
+        self.mean = {
             "clip": torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1),
             "vfm": torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
         }
-        self._std = {
+        self.std = {
             "clip": torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1),
             "vfm": torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1),
         }
+        self.head = make_head(self, self.method)
+        clip = models.clip
+        self.layers = self.head.layers()
+        text_id = None if models.is_random else f"{clip.name}|{models.identity.get(clip.name, '')}"
+        with full_precision(device):
+            self.text = encode_names(clip, queries.names, text_id, config.templates).to(device)  # [Q, E]
+        self.name_to_class = torch.tensor(queries.name_to_class, device=device)
+        self._resample_cache: dict[tuple[tuple[int, int], tuple[int, int]], Tensor] = {}
+        self._predictor = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -122,6 +151,7 @@ class Segmenter:
               models: LoadedModels | None = None) -> Segmenter:
         """Load the models named by `config` (unless given) and embed the class names."""
         device = resolve_device(config.device)
+        check_config(config)
         if config.combine not in COMBINES:
             raise S2ClipError(f"unknown layer combination {config.combine!r}: use mean or entropy")
         if config.work_resolution not in ("image", "resized"):
@@ -147,65 +177,32 @@ class Segmenter:
         return StageTimer(self.device, enabled=self.config.timing)
 
     # ------------------------------------------------------------------ numerics helpers
-    def _resample(self, src: tuple[int, int], dst: tuple[int, int]) -> Tensor:
+    def resample(self, src: tuple[int, int], dst: tuple[int, int]) -> Tensor:
+        """The bilinear resampling matrix from grid `src` to grid `dst` (cached)."""
         key = (src, dst)
         if key not in self._resample_cache:
             self._resample_cache[key] = resample_matrix(src, dst, device=self.device)
         return self._resample_cache[key]
 
     def pad_multiple(self) -> int:
-        """Windows are padded to a multiple of both backbones' patch sizes."""
+        """Windows are padded to a multiple of the patch sizes of the backbones the method runs (CLIP,
+        and the VFM when it has one)."""
         clip_p = self.models.clip.patch_size
+        if self.method.vfm is None:
+            return clip_p
         vfm_p = int(getattr(self.models.vfm, "patch_size", clip_p))
         return math.lcm(clip_p, vfm_p)
 
     # ------------------------------------------------------------------ per-window features
     def window_logits(self, windows: Tensor, timer: StageTimer | None = None) -> Tensor:
-        """Cosine similarities ``[B, Q, h, w]`` on the VFM grid for windows ``[B, 3, H, W]`` in [0, 1].
+        """Per-name maps ``[B, Q, h, w]`` for windows ``[B, 3, H, W]`` in [0, 1] — cosine
+        similarities (S2CLIP: on the VFM grid), or probabilities for CLIPer (`head.scores`).
 
         H and W must be multiples of both backbones' patch sizes. The backbones run under the
         run's precision; the fusion (attention softmax, classification) in float32."""
         timer = timer or self.timer()
-        clip, vfm = self.models.clip, self.models.vfm
         with torch.no_grad():
-            with timer("vfm"), autocast(self.device, self.dtype):
-                feats = vfm((windows - self._mean["vfm"]) / self._std["vfm"])
-            with timer("clip"), autocast(self.device, self.dtype):
-                streams = clip.residual_streams((windows - self._mean["clip"]) / self._std["clip"], self.layers)
-            with timer("fusion"), full_precision(self.device):
-                logits = self._fuse(feats.float(), streams.streams, streams.grid)
-        return logits
-
-    def _fuse(self, feats: Tensor, streams: list[Tensor], clip_grid: tuple[int, int]) -> Tensor:
-        """Correlation block on every kept stream with the proxy attention, then cosine similarity
-        with the class-name embeddings, layers combined (DESIGN step 3)."""
-        clip = self.models.clip
-        b, _, gh, gw = feats.shape
-        attn = proxy_attention(feats, self.config.beta, self.config.gamma)  # [B, M, M]
-        # A · resample(v) == (A · R) · v: resample once per window instead of once per layer.
-        attn_r = torch.matmul(attn, self._resample(clip_grid, (gh, gw)))  # [B, M, N]
-        values = torch.cat([clip.value_tokens(s.float()) for s in streams], dim=-1)  # [B, N, L*D]
-        mixed = torch.bmm(attn_r, values)  # [B, M, L*D]
-        num_layers = len(streams)
-        mixed = mixed.view(b, gh * gw, num_layers, -1).permute(0, 2, 1, 3)  # [B, L, M, D]
-        emb = F.normalize(clip.project_values(mixed), dim=-1)  # [B, L, M, E]
-        per_layer = emb @ self.text.T  # [B, L, M, Q]
-        weights = self._layer_weights(emb, (gh, gw))  # [B, L]
-        cosines = (per_layer * weights[:, :, None, None]).sum(dim=1)  # [B, M, Q]
-        return cosines.transpose(1, 2).reshape(b, -1, gh, gw)
-
-    def _layer_weights(self, emb: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Per-window layer weights: uniform (`mean`) or softmax(−H_l/τ) of each layer's spatial
-        entropy (Algorithm 1) on that window's token map (`entropy`)."""
-        b, num_layers = emb.shape[:2]
-        if self.config.combine == "mean":
-            return torch.full((b, num_layers), 1.0 / num_layers, device=emb.device)
-        rows = []
-        for i in range(b):
-            maps = emb[i].transpose(1, 2).reshape(num_layers, -1, *grid)  # [L, E, h, w]
-            entropies = [spatial_entropy(maps[j : j + 1])["entropy"] for j in range(num_layers)]
-            rows.append(layer_entropy_weights(entropies, self.config.entropy_tau).to(emb.device, emb.dtype))
-        return torch.stack(rows)
+            return self.head.window_logits(windows, timer)
 
     # ------------------------------------------------------------------ whole image
     def prepare(self, image: np.ndarray) -> Tensor:
@@ -214,20 +211,27 @@ class Segmenter:
         cfg = self.config
         resized = resize_short_side(image, cfg.short_side, cfg.max_long_side)
         x = torch.from_numpy(np.require(resized, requirements=["C", "W"])).to(self.device)
-        return x.permute(2, 0, 1).float().div_(255.0)
+        return self.head.adjust(x.permute(2, 0, 1).float().div_(255.0))
 
     def windows(self, x: Tensor) -> list[WindowBatch]:
         """Step 2: the prepared image's sliding windows in batches of `window_batch`, padded to the
         patch multiple."""
         h, w = x.shape[-2:]
-        boxes = sliding_windows(h, w, self.config.crop, self.config.stride)
+        if self.config.whole_image:
+            boxes = [(0, 0, h, w)]
+        else:
+            boxes = sliding_windows(h, w, self.config.crop, self.config.stride)
         return list(window_batches(x, boxes, self.config.window_batch, self.pad_multiple(), CLIP_MEAN))
 
     def predict_logits(self, image: np.ndarray, timer: StageTimer | None = None) -> Tensor:
-        """Stitched cosine similarities ``[Q, h, w]`` at the resized scale (DESIGN steps 1–5)."""
+        """Stitched per-name maps ``[Q, h, w]`` covering the image (DESIGN steps 1–5): cosine
+        similarities at the resized scale (Trident: on SAM's grid), CLIPer's probabilities."""
         timer = timer or self.timer()
         with timer("prepare"):
             x = self.prepare(image)
+        whole = self.head.image_logits(x, image, timer)
+        if whole is not None:
+            return whole
         h, w = x.shape[-2:]
         stitcher = Stitcher(len(self.queries.names), h, w, device=self.device)
         for batch in self.windows(x):
@@ -247,16 +251,53 @@ class Segmenter:
         class's probability is the max over its names (synonyms, background stuff names); with a
         background, pixels whose top probability is under `prob_thd` become background. When every
         name's map at `size` would exceed `CLASSIFY_BUDGET` values, the softmax is computed over
-        chunks of names (two passes), so only the class probabilities are held at full size."""
+        chunks of names (two passes), so only the class probabilities are held at full size.
+        Heads whose maps are already probabilities (CLIPer) are normalised per pixel instead of
+        scaled and softmaxed. SCLIP's `area_thd` drops small foreground classes before the labels."""
         with full_precision(self.device):
             logits = logits.float()
             n_names = logits.shape[0]
             if n_names * size[0] * size[1] <= CLASSIFY_BUDGET:
                 up = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
-                probs = self._merge_names(torch.softmax(up.mul_(self.config.logit_scale), dim=0), slice(None))
+                probs = self._merge_names(self._name_probs(up), slice(None))
             else:
                 probs = self._classify_streamed(logits, size)
+            probs = self.drop_small_classes(probs)
         return self.labels_from(probs), probs
+
+    def _name_probs(self, up: Tensor) -> Tensor:
+        """Per-name probabilities of upsampled maps ``[Q, H, W]`` (in place where possible)."""
+        if self.head.scores == PROBABILITY:
+            up = up.clamp_(min=0.0)
+            return up.div_(up.sum(dim=0, keepdim=True).clamp_(min=torch.finfo(up.dtype).tiny))
+        return torch.softmax(up.mul_(self.config.logit_scale), dim=0)
+
+    def drop_small_classes(self, probs: Tensor) -> Tensor:
+        """SCLIP's ``area_thd`` (with-background runs): after the argmax, a foreground class
+        predicted on at most ``area_thd`` × the foreground-predicted pixels has its probabilities
+        zeroed. No-op when `area_thd` is None."""
+        thd = self.config.area_thd
+        if thd is None or not self.queries.has_background:
+            return probs
+        counts = torch.bincount(probs.argmax(dim=0).flatten(), minlength=probs.shape[0])[1:].to(probs.dtype)
+        keep = (counts > thd * counts.sum()).to(probs.dtype)
+        probs = probs.clone()
+        probs[1:] *= keep[:, None, None]
+        return probs
+
+    def refine_pamr(self, image: np.ndarray, logits: Tensor, size: tuple[int, int]) -> Tensor:
+        """NACLIP's PAMR: the maps ``[Q, h, w]`` upsampled (bilinear) to `size` and refined by the
+        affinities of the CLIP-normalised prepared image at that size, before any logit scale.
+        Returns ``[Q, H, W]`` float32 (PAMR is batched over the names, on the device)."""
+        from ..refine.pamr import pamr
+
+        cfg = self.config
+        with torch.no_grad(), full_precision(self.device):
+            x = self.prepare(image)[None]
+            normed = (x - self.mean["clip"]) / self.std["clip"]
+            normed = F.interpolate(normed, size=size, mode="bilinear", align_corners=False)
+            up = F.interpolate(logits.float()[None], size=size, mode="bilinear", align_corners=False)
+            return pamr(normed, up, iterations=cfg.pamr_iterations, dilations=cfg.pamr_dilations)[0]
 
     def labels_from(self, probs: Tensor) -> Tensor:
         """Labels ``[H, W]`` from class probabilities: the argmax; with a background, pixels whose
@@ -270,14 +311,26 @@ class Segmenter:
         step = max(1, CLASSIFY_BUDGET // (size[0] * size[1]))
         return [slice(i, min(i + step, n_names)) for i in range(0, n_names, step)]
 
+    def _up(self, logits: Tensor, names: slice, size: tuple[int, int]) -> Tensor:
+        return F.interpolate(logits[None, names], size=size, mode="bilinear", align_corners=False)[0]
+
     def _scaled_up(self, logits: Tensor, names: slice, size: tuple[int, int]) -> Tensor:
-        up = F.interpolate(logits[None, names], size=size, mode="bilinear", align_corners=False)[0]
-        return up.mul_(self.config.logit_scale)
+        return self._up(logits, names, size).mul_(self.config.logit_scale)
 
     def _classify_streamed(self, logits: Tensor, size: tuple[int, int]) -> Tensor:
         """The softmax over names in chunks: pass 1 the per-pixel max and sum of exponentials,
         pass 2 each chunk's probabilities folded into the class maxima."""
         chunks = self._name_chunks(logits.shape[0], size)
+        probs = torch.full((self.queries.num_classes, *size), -1.0, device=logits.device)
+        if self.head.scores == PROBABILITY:
+            total = torch.zeros(size, device=logits.device)
+            for names in chunks:
+                total.add_(self._up(logits, names, size).clamp_(min=0.0).sum(dim=0))
+            total.clamp_(min=torch.finfo(total.dtype).tiny)
+            for names in chunks:
+                chunk = self._up(logits, names, size).clamp_(min=0.0).div_(total)
+                probs = self._merge_names(chunk, names, into=probs)
+            return probs
         top = torch.full(size, float("-inf"), device=logits.device)
         total = torch.zeros(size, device=logits.device)
         for names in chunks:
@@ -285,7 +338,6 @@ class Segmenter:
             new_top = torch.maximum(top, up.amax(dim=0))
             total.mul_(torch.exp(top - new_top)).add_(torch.exp(up.sub_(new_top)).sum(dim=0))
             top = new_top
-        probs = torch.full((self.queries.num_classes, *size), -1.0, device=logits.device)
         for names in chunks:
             chunk = self._scaled_up(logits, names, size).sub_(top).exp_().div_(total)
             probs = self._merge_names(chunk, names, into=probs)
@@ -354,23 +406,59 @@ class Segmenter:
             )
         return result.labels[0], result.probs
 
+    @property
+    def uses_sam_prompts(self) -> bool:
+        """Whether SAM's prompt refinement runs by default (a SAM model is loaded and wanted)."""
+        return self.models.sam is not None and self.config.sam_refine
+
+    def coarse(self, image: np.ndarray, size: tuple[int, int], timer: StageTimer | None = None) -> tuple[Tensor, Tensor]:
+        """(labels ``[H, W]``, class probabilities ``[C, H, W]``) at `size` before SD and SAM:
+        features, stitching, PAMR when configured, classification."""
+        timer = timer or self.timer()
+        with torch.no_grad():
+            logits = self.predict_logits(image, timer)
+            if self.config.pamr:
+                with timer("pamr"):
+                    logits = self.refine_pamr(image, logits, size)
+            with timer("classify"):
+                return self.classify(logits, size)
+
     def __call__(self, image: np.ndarray, *, refine: bool | None = None) -> SegmentationResult:
         """Segment one H×W×3 uint8 RGB image; labels at its own size."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise S2ClipError(f"expected an HxWx3 uint8 RGB image, got {image.shape} {image.dtype}")
         timer = self.timer()
         with torch.no_grad():
-            logits = self.predict_logits(image, timer)
             work_image = image
             if self.config.work_resolution == "resized":
                 work_image = resize_short_side(image, self.config.short_side, self.config.max_long_side)
-            with timer("classify"):
-                labels, probs = self.classify(logits, work_image.shape[:2])
+            labels, probs = self.coarse(image, work_image.shape[:2], timer)
             if self.config.sd:
                 labels, probs = self.refine_sd(work_image, probs, timer)
-            do_refine = (self.models.sam is not None) if refine is None else refine
+            do_refine = self.uses_sam_prompts if refine is None else refine
             if do_refine:
                 labels, probs = self.refine(work_image, labels, probs, timer)
             if tuple(labels.shape) != image.shape[:2]:
                 labels = F.interpolate(labels[None, None].float(), size=image.shape[:2], mode="nearest")[0, 0]
         return SegmentationResult(labels.cpu().numpy().astype(np.int64), probs, timer.times)
+
+
+def check_config(config: SegmenterConfig) -> None:
+    """One-line errors for settings the method cannot honour (before any model is loaded)."""
+    if config.method not in METHODS:
+        raise S2ClipError(f"unknown method {config.method!r}; choose one of: {', '.join(METHODS)}")
+    method = METHODS[config.method]
+    if config.templates not in TEMPLATE_SETS:
+        raise S2ClipError(f"unknown template set {config.templates!r}; choose one of: {', '.join(TEMPLATE_SETS)}")
+    if config.layers and method.strategy != "proxy":
+        raise S2ClipError(f"--layers applies to the proxy-attention methods (s2clip, proxyclip); {method.name} "
+                          "uses its own layers")
+    if config.layers and method.name == "trident":
+        raise S2ClipError("--layers does not apply to trident (its spliced map is the last block's)")
+    if config.combine != "mean" and method.layers != LAYERS_HIERARCHICAL and not config.layers:
+        raise S2ClipError(f"--combine {config.combine} combines several layers; {method.name} uses one")
+    if method.name == "trident" and config.sam is None:
+        raise S2ClipError("trident needs a SAM model for its splice-then-segment guidance (config.sam); "
+                          "to skip only its prompt refinement set sam_refine=False (--no-sam)")
+    if config.pamr and (config.pamr_iterations < 0 or not config.pamr_dilations):
+        raise S2ClipError("PAMR needs iterations >= 0 and at least one dilation")

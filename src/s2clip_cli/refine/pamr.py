@@ -65,6 +65,6 @@ def pamr(image: Tensor, masks: Tensor, *, iterations: int = 10, dilations: Seque
         for _ in range(iterations):
             out = torch.zeros_like(masks)
             for p, shifted in enumerate(_shifted(masks, dilations, centre=False)):
-                out += aff[:, p : p + 1] * shifted
+                out.addcmul_(aff[:, p : p + 1], shifted)
             masks = out
     return masks

@@ -1,0 +1,49 @@
+"""`s2clip methods` and the `--method`/`--pamr` options of `segment`, `eval` and `bench-sam`:
+parsing only; the work is in `commands/methods.py`."""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any
+
+import typer
+
+from ..methods import METHODS
+from ..models.registry import SAM_SPECS, VFM_SPECS
+from .common import out, user_errors
+
+# str Enums: Typer lists their values in --help and rejects anything else.
+MethodName = enum.Enum("MethodName", {name: name for name in METHODS}, type=str)  # type: ignore[misc]
+MethodOrAll = enum.Enum("MethodOrAll", {name: name for name in [*METHODS, "all"]}, type=str)  # type: ignore[misc]
+VfmChoice = enum.Enum("VfmChoice", {name: name for name in VFM_SPECS}, type=str)  # type: ignore[misc]
+SamChoice = enum.Enum("SamChoice", {name: name for name in SAM_SPECS}, type=str)  # type: ignore[misc]
+
+MethodOpt = Annotated[MethodName, typer.Option(
+    "--method", help="Training-free method (see `s2clip methods`): its attention, layers, VFM, post-processing and "
+    "protocol; options given explicitly override its values.")]
+MethodOrAllOpt = Annotated[MethodOrAll, typer.Option(
+    "--method", help="Training-free method (see `s2clip methods`), or all: every method into <work-dir>/<method>/ "
+    "plus comparison.md/json. Its protocol on each dataset applies; options given explicitly override it.")]
+# Options whose default is the method's value: None = not given.
+MethodVfmOpt = Annotated[VfmChoice | None, typer.Option(
+    "--vfm", help="VFM for proxy attention (default: the method's; dino_vitb8 for s2clip and proxyclip, dino_vitb16 "
+    "for trident).")]
+MethodSamOpt = Annotated[SamChoice | None, typer.Option(
+    "--sam", help="SAM model for post-processing (default vit_b, for the methods that use SAM; given explicitly, SAM "
+    "prompt refinement is added to any method).")]
+PamrOpt = Annotated[bool | None, typer.Option(
+    "--pamr/--no-pamr", help="PAMR on the logits before classification (default: the method's; on for naclip).")]
+
+
+def given(**options: Any) -> dict[str, Any]:
+    """The options the user set (value not None), for `commands.methods.method_config`."""
+    return {name: v for name, v in options.items() if v is not None}
+
+
+@user_errors
+def methods() -> None:
+    """List the training-free methods: attention strategy, residual/FFN, VFM, post-processing and the
+    mIoU each reports (ViT-B/16)."""
+    from ..commands.methods import methods_table
+
+    out.print(methods_table(), highlight=False, soft_wrap=True, markup=False)
