@@ -41,7 +41,7 @@ from .sam_prompts import (
 
 def refine_optimized(image: np.ndarray, labels: Tensor, probs: Tensor, num_classes: int,
                      predictor: SamPredictor, opts: RefineOptions, stages: StageTimer,
-                     decoder: str = "sam") -> RefineResult:
+                     decoder: str = "fast") -> RefineResult:
     """The optimized refinement on validated inputs (see `sam_refine.sam_refine`), prompts decoded
     by the `decoder` named (`sam_decoder.DECODERS`)."""
     image_hw = (image.shape[0], image.shape[1])

@@ -4,9 +4,10 @@
 
 - ``original`` (`sam_original`): the reference, step for step, quirks included;
 - ``optimized`` (`sam_optimized`, the default): vectorised regions and prompts, prompts of all
-  classes decoded in bounded chunks by a batched decoder (`sam_decoder`): SAM's own
-  `MaskDecoder` (``decoder="sam"``, the default) or a hand-folded rearrangement of it
-  (``decoder="fast"``).
+  classes decoded in bounded chunks by a batched decoder (`sam_decoder`): a hand-folded
+  rearrangement of SAM's mask decoder (``decoder="fast"``, the default: 2.3–3.9× faster than SAM's
+  own on the CPU, `benchmarks/bench_sam.py`) or SAM's own `MaskDecoder` with per-prompt dense
+  embeddings (``decoder="sam"``, the plain-library reference; both equal `predict_torch`).
 
 Prompt decoding runs in float32 whatever the caller's autocast.
 """
@@ -35,7 +36,7 @@ STAGES = ("downsample", "components", "prompts", "decode", "mapping")
 def sam_refine(image: np.ndarray, labels: Tensor, probs: Tensor, num_classes: int, predictor: SamPredictor,
                *, coarse_thresh: float = 0.2, min_area: int = 225, mask_coeff: float = 0.005,
                iou_thresh: float = 0.8, impl: str = "optimized", use_cca: bool = True, use_box: bool = True,
-               use_mask: bool = True, use_point: bool = True, decoder: str = "sam",
+               use_mask: bool = True, use_point: bool = True, decoder: str = "fast",
                timings: dict[str, float] | None = None) -> RefineResult:
     """Refine `labels` ``[1, H, W]`` / `probs` ``[C, H, W]`` of `image` (H×W×3 uint8) with SAM.
 
