@@ -279,3 +279,13 @@ def test_layer_and_sam_options_that_a_method_cannot_use(models: dict[str, Loaded
     proxy = _segmenter("proxyclip", models)
     assert proxy.layers == [proxy.models.clip.num_blocks - 2]
     assert _segmenter("proxyclip", models, layers=[2, 3]).layers == [2, 3]
+
+
+def test_a_method_without_vfm_needs_no_vfm_weights(tmp_path: Path) -> None:
+    """clearclip uses no VFM: a fresh machine is asked only for CLIP's weights."""
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    result = CliRunner().invoke(app, ["segment", str(image), "--classes", "cat", "--method", "clearclip",
+                                      "--no-sam", "--offline", "--device", "cpu", "-o", str(tmp_path / "o")])
+    assert result.exit_code != 0
+    assert "ViT-B/16" in result.stderr and "dino" not in result.stderr

@@ -135,12 +135,12 @@ class ModelPool:
         self.sets: list[LoadedModels] = []
 
     def get(self, cfg: SegmenterConfig) -> LoadedModels:
-        needs_vfm = get_method(cfg.method).vfm is not None or cfg.method == "s2clip"
+        needs_vfm = get_method(cfg.method).vfm is not None
         for models in self.sets:
             if self._fits(models, cfg, needs_vfm):
                 return models
         device = resolve_device(cfg.device)
-        models = load_models(cfg.clip, cfg.vfm, cfg.sam, mode=cfg.models, paths=cfg.weights, offline=cfg.offline,
+        models = load_models(cfg.clip, cfg.vfm if needs_vfm else None, cfg.sam, mode=cfg.models, paths=cfg.weights, offline=cfg.offline,
                              device=device, sd_name=SD_MODEL if cfg.sd else None,
                              sd_dtype=compute_dtype(cfg.precision, device))
         same_clip = next((m for m in self.sets if m.clip.name == cfg.clip), None)
@@ -186,7 +186,8 @@ def run_eval(dataset_names: list[str], data_root: Path | None, base: SegmenterCo
         configs = [method_config(base, base.method, ds.preset, explicit, strict=strict) for _, ds in datasets]
         first = configs[0]
         # Under several ranks, rank 0 fetches the weights while the others wait.
-        prefetch_weights(first.clip, first.vfm, first.sam, sd_name=SD_MODEL if first.sd else None,
+        prefetch_weights(first.clip, first.vfm if get_method(first.method).vfm else None, first.sam,
+                         sd_name=SD_MODEL if first.sd else None,
                          mode=first.models, paths=first.weights, offline=first.offline, group=ctx)
         many = len(datasets) > 1
         models = None

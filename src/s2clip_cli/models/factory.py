@@ -53,7 +53,7 @@ class LoadedModels:
     ``sha256:<16 hex>`` (real weights) or ``random-<mode>-seed0``."""
 
     clip: ClipBackbone
-    vfm: nn.Module
+    vfm: nn.Module | None
     sam: nn.Module | None
     mode: str
     identity: dict[str, str] = field(default_factory=dict)
@@ -105,15 +105,16 @@ def _sd_spec(name: str) -> registry.ModelSpec:
     return spec
 
 
-def weight_requests(clip_name: str, vfm_name: str, sam_name: str | None, *, sd_name: str | None = None,
+def weight_requests(clip_name: str, vfm_name: str | None, sam_name: str | None, *, sd_name: str | None = None,
                     paths: ModelPaths | None = None) -> list[weights.Request]:
     """``(spec, explicit path)`` for every checkpoint a run of these models reads (unknown names are
-    `S2ClipError`s). The SAM ViT-B file serves `sam_vitb16` too, so it is asked for once."""
+    `S2ClipError`s; `vfm_name` None: a method without a VFM). The SAM ViT-B file serves
+    `sam_vitb16` too, so it is asked for once."""
     paths = paths or ModelPaths()
-    vfm_spec = registry.vfm_spec(vfm_name)
+    vfm_spec = registry.vfm_spec(vfm_name) if vfm_name else None
     requests: list[weights.Request] = [(registry.clip_spec(clip_name), paths.clip)]
     sam_spec = registry.sam_spec(sam_name) if sam_name else None
-    if not (_vfm_is_sam_encoder(vfm_spec, sam_spec) and paths.vfm is None):
+    if vfm_spec is not None and not (_vfm_is_sam_encoder(vfm_spec, sam_spec) and paths.vfm is None):
         requests.append((vfm_spec, paths.vfm))
     if sam_spec is not None:
         requests.append((sam_spec, paths.sam))
@@ -126,7 +127,7 @@ def _vfm_is_sam_encoder(vfm_spec: registry.ModelSpec, sam_spec: registry.ModelSp
     return vfm_spec.name == "sam_vitb16" and sam_spec is not None and sam_spec.name == "vit_b"
 
 
-def prefetch_weights(clip_name: str, vfm_name: str, sam_name: str | None, *, sd_name: str | None = None,
+def prefetch_weights(clip_name: str, vfm_name: str | None, sam_name: str | None, *, sd_name: str | None = None,
                      mode: str = "real", paths: ModelPaths | None = None, offline: bool = False,
                      group: weights.RankGroup | None = None) -> None:
     """Under several ranks, fetch a run's checkpoints once before any rank builds a model: rank 0
@@ -143,7 +144,7 @@ def prefetch_weights(clip_name: str, vfm_name: str, sam_name: str | None, *, sd_
 
 def load_models(
     clip_name: str = "ViT-B/16",
-    vfm_name: str = "dino_vitb8",
+    vfm_name: str | None = "dino_vitb8",
     sam_name: str | None = "vit_b",
     *,
     sd_name: str | None = None,
@@ -153,14 +154,14 @@ def load_models(
     device: str | torch.device = "cpu",
     sd_dtype: torch.dtype = torch.float32,
 ) -> LoadedModels:
-    """Build the models of a run on `device` in eval mode (`sd_name`, e.g. ``"sd21_base"``, adds
-    Stable Diffusion, in `sd_dtype`). Every checkpoint is resolved before anything is built; all
+    """Build the models of a run on `device` in eval mode (`vfm_name` None: no VFM, for methods that
+    use none; `sd_name`, e.g. ``"sd21_base"``, adds Stable Diffusion, in `sd_dtype`). Every checkpoint is resolved before anything is built; all
     the missing ones are one `S2ClipError` line."""
     if mode not in MODES:
         raise S2ClipError(f"unknown --models {mode!r}: choose one of {', '.join(MODES)}")
     paths = paths or ModelPaths()
     clip_spec = registry.clip_spec(clip_name)
-    vfm_spec = registry.vfm_spec(vfm_name)
+    vfm_spec = registry.vfm_spec(vfm_name) if vfm_name else None
     sam_spec = registry.sam_spec(sam_name) if sam_name else None
     sd_spec = _sd_spec(sd_name) if sd_name else None
     tiny = mode == "tiny"
@@ -172,12 +173,13 @@ def load_models(
         for (spec, _), path in zip(requests, resolved, strict=True):
             checkpoints[spec.name] = path
             identity[spec.name] = weights.content_identity(path)
-        if vfm_spec.name not in identity:  # sam_vitb16 served by the SAM ViT-B file
+        if vfm_spec is not None and vfm_spec.name not in identity:  # sam_vitb16 served by the SAM ViT-B file
             identity[vfm_spec.name] = identity[sam_spec.name] if sam_spec else ""
     else:
         for spec, _ in requests:
             identity[spec.name] = f"random-{mode}-seed{SEED}"
-        identity.setdefault(vfm_spec.name, f"random-{mode}-seed{SEED}")
+        if vfm_spec is not None:
+            identity.setdefault(vfm_spec.name, f"random-{mode}-seed{SEED}")
         warnings.warn(random_warning(mode), stacklevel=2)
         torch.manual_seed(SEED)
 
@@ -191,9 +193,10 @@ def load_models(
         from .sam import build_sam
 
         sam = build_sam(sam_spec.arch, tiny=tiny, checkpoint=checkpoints.get(sam_spec.name))
-    if sam is not None and _vfm_is_sam_encoder(vfm_spec, sam_spec) and paths.vfm is None:
-        vfm: nn.Module = SamEncoderVFM(sam.image_encoder)  # one SAM ViT-B serves both roles
-    else:
+    vfm: nn.Module | None = None
+    if vfm_spec is not None and sam is not None and _vfm_is_sam_encoder(vfm_spec, sam_spec) and paths.vfm is None:
+        vfm = SamEncoderVFM(sam.image_encoder)  # one SAM ViT-B serves both roles
+    elif vfm_spec is not None:
         vfm = build_vfm(vfm_spec, weights=checkpoints.get(vfm_spec.name), tiny=tiny)
     device = torch.device(device)
     for module in (clip, vfm, sam):

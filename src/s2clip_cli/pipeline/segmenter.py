@@ -158,7 +158,8 @@ class Segmenter:
             raise S2ClipError(f"unknown working resolution {config.work_resolution!r}: use image or resized")
         compute_dtype(config.precision, device)  # reject a bad --precision before loading anything
         if models is None:
-            models = load_models(config.clip, config.vfm, config.sam, mode=config.models,
+            models = load_models(config.clip, config.vfm if get_method(config.method).vfm else None, config.sam,
+                                 mode=config.models,
                                  paths=config.weights, offline=config.offline, device=device,
                                  sd_name=SD_MODEL if config.sd else None,
                                  sd_dtype=compute_dtype(config.precision, device))
