@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
-from s2clip_cli.pipeline.segmenter import Segmenter, SegmenterConfig, _StageTimer
-from s2clip_cli.pipeline.windows import sliding_windows
+from s2clip_cli.pipeline.segmenter import Segmenter, SegmenterConfig
+from s2clip_cli.profiling import StageTimer
 
 
 def matmul_rate(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
@@ -67,7 +67,7 @@ def main() -> None:
     runs: list[dict[str, float]] = []
     totals = []
     for _ in range(args.repeats):
-        timer = _StageTimer(device)
+        timer = StageTimer(device)
         start = time.perf_counter()
         with torch.no_grad():
             logits = seg.predict_logits(image, timer)
@@ -78,20 +78,18 @@ def main() -> None:
     stages = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
     # FLOPs of the backbone stages over all windows of the image (the same batches as above).
-    boxes = sliding_windows(448, 608, cfg.crop, cfg.stride)
-    x = torch.from_numpy(image).permute(2, 0, 1).float().div(255).to(device)
-    crops = torch.stack([x[:, y1:y2, x1:x2] for y1, x1, y2, x2 in boxes])
-    clip, vfm = seg.models.clip, seg.models.vfm
+    crops = torch.cat([batch.crops for batch in seg.windows(seg.prepare(image))])  # the pipeline's windows
+    boxes = list(range(crops.shape[0]))
+    clip, vfm, head = seg.models.clip, seg.models.vfm, seg.head
     with torch.no_grad():
-        vfm_in = (crops - seg._mean["vfm"]) / seg._std["vfm"]
-        clip_in = (crops - seg._mean["clip"]) / seg._std["clip"]
+        vfm_in, clip_in = head._vfm_input(crops), head._clip_input(crops)
         flops = {
             "vfm": count_flops(lambda: vfm(vfm_in)),
             "clip": count_flops(lambda: clip.residual_streams(clip_in, seg.layers)),
         }
         feats = vfm(vfm_in)
         streams = clip.residual_streams(clip_in, seg.layers)
-        flops["fusion"] = count_flops(lambda: seg._fuse(feats.float(), streams.streams, streams.grid))
+        flops["fusion"] = count_flops(lambda: head._fuse(feats.float(), streams.streams, streams.grid))
     peak = matmul_rate(device)
 
     table = Table(title=f"s2clip segment, 448x608, {len(boxes)} windows, ViT-B/16 + DINO ViT-B/8 (random), "
