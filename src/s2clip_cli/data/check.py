@@ -17,7 +17,7 @@ from PIL import Image
 
 from ..errors import S2ClipError, one_line
 from .datasets import open_dataset
-from .presets import PRESETS, DatasetPreset
+from .presets import DatasetPreset, get_preset
 from .sources import MANIFEST_NAME, OFFICIAL_VAL_COUNTS
 
 MAX_PROBLEMS = 20
@@ -80,9 +80,7 @@ def _value_range(preset: DatasetPreset) -> str:
 def check(name: str, data_root: str | Path, *,
           progress: Callable[[int, int], None] | None = None) -> CheckReport:
     """Check the data root of preset ``name``; never raises for a bad root (problems are reported)."""
-    if name not in PRESETS:
-        raise S2ClipError(f"unknown dataset {name!r}; choose one of: {', '.join(PRESETS)}")
-    preset = PRESETS[name]
+    preset = get_preset(name)
     layout = preset.layout
     root = Path(data_root).expanduser()
     report = CheckReport(name, root)

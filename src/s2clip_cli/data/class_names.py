@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import S2ClipError
-from .presets import PRESETS
+from .presets import PRESETS, get_preset
 
 
 def _split_names(text: str, where: str) -> list[str]:
@@ -101,9 +101,7 @@ def parse_class_list(spec: str) -> list[list[str]]:
 
 def preset_class_names(preset_name: str) -> list[list[str]]:
     """The packaged class names of a benchmark preset (``voc21``, ``ade20k``, ...)."""
-    if preset_name not in PRESETS:
-        raise S2ClipError(f"unknown dataset {preset_name!r}; choose one of: {', '.join(PRESETS)}")
-    preset = PRESETS[preset_name]
+    preset = get_preset(preset_name)
     resource = resources.files("s2clip_cli.data").joinpath("class_names", preset.class_file)
     text = resource.read_text(encoding="utf-8")
     classes = parse_class_lines(text.splitlines(), f"{preset_name} class names", strict=False)

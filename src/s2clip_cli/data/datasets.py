@@ -44,11 +44,6 @@ def label_colours(n: int = 256) -> np.ndarray:
     return cmap
 
 
-def default_reader() -> Callable[[Path], np.ndarray]:
-    """The image reader of evaluation: `io.images.read_image` (any format to RGB uint8)."""
-    return read_image
-
-
 def read_label(path: str | Path, reduce_zero_label: bool) -> np.ndarray:
     """Read a label map (index PNG, no palette conversion) and apply the mapping.
 
@@ -112,7 +107,7 @@ class SegDataset:
         return self.samples[i].label
 
     def load_image(self, i: int, reader: Callable[[Path], np.ndarray] | None = None) -> np.ndarray:
-        return (reader or default_reader())(self.samples[i].image)
+        return (reader or read_image)(self.samples[i].image)
 
     def load_label(self, i: int) -> np.ndarray:
         """The ground truth of sample ``i`` with the preset's label mapping applied (255 = ignore)."""

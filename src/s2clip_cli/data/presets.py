@@ -9,7 +9,6 @@ configs; see ``shared/notes/reference-semantics.md``). To add a benchmark, add a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..config import CROP, IGNORE_INDEX, LOGIT_SCALE
 from ..errors import S2ClipError
@@ -118,8 +117,3 @@ def custom_preset(num_classes: int, *, reduce_zero_label: bool = False) -> Datas
     return DatasetPreset(CUSTOM, "", short_side=448, prob_thd=0.0, coarse_thresh=0.05,
                          reduce_zero_label=reduce_zero_label, has_background=False, num_classes=num_classes,
                          description="images + masks folders, classes from a file")
-
-
-def dataset_root(name: str, data_root: Path | None, several: bool) -> Path | None:
-    """With several datasets, `data_root` is their parent and each lives in its preset's sub-folder."""
-    return data_root / PRESETS[name].subdir if (several and data_root is not None) else data_root

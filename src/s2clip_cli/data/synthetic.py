@@ -17,7 +17,7 @@ from PIL import Image
 
 from ..errors import S2ClipError
 from .datasets import label_colours
-from .presets import PRESETS, Layout
+from .presets import Layout, get_preset
 
 _CITIES = ("frankfurt", "lindau", "munster")
 _GENERIC_CLASSES = ("sky; heaven", "tree", "road; street", "car", "person; pedestrian", "building", "grass",
@@ -73,9 +73,7 @@ def write_synthetic_dataset(preset_name: str, root: Path, n_images: int = 4, siz
 
     ``size`` is (height, width) of every image and label.
     """
-    if preset_name not in PRESETS:
-        raise S2ClipError(f"unknown dataset {preset_name!r}; choose one of: {', '.join(PRESETS)}")
-    preset = PRESETS[preset_name]
+    preset = get_preset(preset_name)
     layout = preset.layout
     max_value = preset.num_classes if preset.reduce_zero_label else preset.num_classes - 1
     root = Path(root)

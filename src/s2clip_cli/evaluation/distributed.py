@@ -42,8 +42,6 @@ T = TypeVar("T")
 DEFAULT_COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 # A weights download on rank 0 (several GB) may keep the other ranks waiting this long.
 LONG_WAIT_TIMEOUT = timedelta(hours=24)
-# Kept for callers of the old name: the data group's timeout now comes from `collective_timeout()`.
-COLLECTIVE_TIMEOUT = DEFAULT_COLLECTIVE_TIMEOUT
 
 
 def _env_int(name: str, default: int) -> int:
@@ -188,10 +186,6 @@ class DistContext:
         except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError/DistError on a dead peer
             raise _lost_contact(exc) from None
         return [int(r) for r in torch.nonzero(flags).flatten().tolist()]
-
-    def all_ok(self, ok: bool, *, long_wait: bool = False) -> bool:
-        """Collective: True when every rank passed ``ok=True``."""
-        return not self.failed_ranks(ok, long_wait=long_wait)
 
     def failure_watch(self, hint: str = "") -> FailureWatch:
         """A `FailureWatch` on this context; ``hint`` ends its `PeerFailure` messages."""

@@ -35,8 +35,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.datasets import SegDataset, default_reader, label_colours
+from ..data.datasets import SegDataset, label_colours
 from ..errors import S2ClipError
+from ..io.images import read_image
 from .distributed import DistContext, LostContact, PeerFailure, check_points
 from .metrics import confusion_matrix, summarize
 from .records import RecordLog, RunSignature, rank_log_path, read_all_records, sum_records
@@ -209,8 +210,8 @@ def evaluate(dataset: SegDataset, predict_fn: PredictFn, *, work_dir: Path, conf
     ``config`` (JSON-able) is everything that changes predictions: its hash goes into the records'
     signature, so a work dir holding another configuration's records is refused. ``dist`` defaults
     to :meth:`DistContext.from_env` with ``device`` choosing NCCL vs gloo (and is then closed here).
-    ``reader`` decodes an image path to H x W x 3 uint8 RGB (default: ``s2clip_cli.io.images.read_image``
-    when present). With ``save_preds``, palette PNGs of the predictions go to ``work_dir/preds/``
+    ``reader`` decodes an image path to H x W x 3 uint8 RGB (default: ``s2clip_cli.io.images.read_image``).
+    With ``save_preds``, palette PNGs of the predictions go to ``work_dir/preds/``
     (only for images predicted in this run). Every rank returns the same dict; rank 0 also writes
     ``results.json``, ``results.md`` and ``confusion.npy`` (rows = ground truth) atomically.
 
@@ -230,7 +231,7 @@ def evaluate(dataset: SegDataset, predict_fn: PredictFn, *, work_dir: Path, conf
             # Only rank 0 locks; every rank learns whether it got the lock before going on.
             _agreed(ctx, lambda: stack.enter_context(work_dir_lock(work_dir)) if ctx.is_main else None)
             return _evaluate(dataset, predict_fn, work_dir, config, limit, save_preds, num_workers, console,
-                             ctx, reader or default_reader(), check_every, options)
+                             ctx, reader or read_image, check_every, options)
     finally:
         if own_dist:
             ctx.close()

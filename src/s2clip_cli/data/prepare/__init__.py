@@ -7,6 +7,6 @@ Pillow's ImageDraw. See :func:`prepare`.
 
 from __future__ import annotations
 
-from .runner import PLANNERS, PrepareSummary, ProgressCallback, plan_for, prepare
+from .runner import PLANNERS, PrepareSummary, ProgressCallback, prepare
 
-__all__ = ["PLANNERS", "PrepareSummary", "ProgressCallback", "plan_for", "prepare"]
+__all__ = ["PLANNERS", "PrepareSummary", "ProgressCallback", "prepare"]

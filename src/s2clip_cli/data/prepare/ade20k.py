@@ -9,18 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .archives import RawIndex
-from .common import (
-    Job,
-    Payload,
-    Plan,
-    check_same_size,
-    check_values,
-    find_one_dir,
-    image_size,
-    pair_files,
-    read_index_label,
-    source_entry,
-)
+from .common import Job, Payload, Plan, copy_checked, find_one_dir, pair_files, source_entry
 
 ALLOWED = np.zeros(256, dtype=bool)
 ALLOWED[:151] = True
@@ -28,12 +17,7 @@ ALLOWED[:151] = True
 
 def convert(job: Job) -> dict[str, Payload]:
     """Check one sample (label mode, size, values 0..150) and copy both files."""
-    image, label = job.inputs["image"], job.inputs["label"]
-    size, image_payload = image_size(image)
-    values, data = read_index_label(label, modes=("L", "P"))
-    check_same_size(values.shape, size, label.describe(), image.describe())
-    check_values(values, ALLOWED, label.describe(), "ADE20K annotations (0..150)")
-    return {job.outputs[0]: image_payload, job.outputs[1]: label if label.kind == "file" else data}
+    return copy_checked(job, ALLOWED, "ADE20K annotations (0..150)", modes=("L", "P"))
 
 
 def plan(raw: RawIndex) -> Plan:

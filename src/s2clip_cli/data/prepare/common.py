@@ -155,6 +155,17 @@ def check_values(values: np.ndarray, allowed: np.ndarray, where: str, what: str)
         raise S2ClipError(f"{where}: raw value {int(bad[0])} cannot occur in {what}")
 
 
+def copy_checked(job: Job, allowed: np.ndarray, what: str, modes: tuple[str, ...] = ("P", "L")) -> dict[str, Payload]:
+    """Check one image + index-label pair (label mode, equal sizes, values in ``allowed``) and copy
+    both unchanged: the outputs ``job.outputs[0]`` (image) and ``job.outputs[1]`` (label)."""
+    image, label = job.inputs["image"], job.inputs["label"]
+    size, image_payload = image_size(image)
+    values, data = read_index_label(label, modes)
+    check_same_size(values.shape, size, label.describe(), image.describe())
+    check_values(values, allowed, label.describe(), what)
+    return {job.outputs[0]: image_payload, job.outputs[1]: label if label.kind == "file" else data}
+
+
 def encode_png(label: np.ndarray) -> bytes:
     """An 8-bit single-channel (``L``) PNG of ``label``, as the reference converters save it."""
     buf = io.BytesIO()

@@ -63,10 +63,8 @@ def is_current(root: Path, record: FileRecord) -> bool:
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
     except (OSError, ValueError):
-        return None  # unreadable: treated as absent, outputs are re-verified or redone
+        return None  # absent or unreadable: outputs are re-verified or redone
     return data if isinstance(data, dict) else None
 
 

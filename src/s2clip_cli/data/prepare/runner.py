@@ -29,7 +29,7 @@ import PIL
 from ... import __version__
 from ...errors import S2ClipError, one_line
 from ...io.files import atomic_path, atomic_write_bytes, prepare_output_dir
-from ..presets import PRESETS
+from ..presets import get_preset
 from ..sources import default_data_root, source_for
 from . import ade20k, cityscapes, coco, context, voc
 from .archives import Blob, RawIndex, close_archives, read_blob, spill_compressed
@@ -185,11 +185,6 @@ def _alive(pid: int) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ prepare
-def plan_for(name: str, raw: str | Path) -> Plan:
-    """Find the downloads of preset ``name`` in ``raw`` and list the work (nothing is written)."""
-    return PLANNERS[source_for(name).preparation](RawIndex(raw))
-
-
 def prepare(name: str, raw: str | Path, out: str | Path | None = None, *, workers: int = 0,
             progress: ProgressCallback | None = None) -> PrepareSummary:
     """Prepare the val split of preset ``name`` from the official downloads in ``raw`` into ``out``
@@ -202,8 +197,7 @@ def prepare(name: str, raw: str | Path, out: str | Path | None = None, *, worker
     the file) on a missing download, a damaged archive, an image without label, or a raw value
     that cannot occur.
     """
-    if name not in PRESETS:
-        raise S2ClipError(f"unknown dataset {name!r}; choose one of: {', '.join(PRESETS)}")
+    get_preset(name)  # an unknown name is an error naming the choices
     if workers < 0:
         raise S2ClipError(f"--workers must be >= 0, got {workers}")
     source = source_for(name)
@@ -232,9 +226,7 @@ def prepare(name: str, raw: str | Path, out: str | Path | None = None, *, worker
             pending = _spilled(pending, spill)
             _run(plan, pending, root, workers, records, report, skipped)
             for rel, data in plan.extras.items():
-                (root / rel).parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(root / rel, data)
-                records[rel] = FileRecord(rel, len(data), hashlib.sha256(data).hexdigest())
+                records[rel] = _write_output(root, rel, data)
         finally:
             shutil.rmtree(spill, ignore_errors=True)
         if total != source.official_val:

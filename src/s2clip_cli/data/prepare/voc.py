@@ -12,17 +12,7 @@ import numpy as np
 
 from ...errors import S2ClipError
 from .archives import DirHit, RawIndex, read_blob
-from .common import (
-    Job,
-    Payload,
-    Plan,
-    check_same_size,
-    check_values,
-    image_size,
-    lines_file,
-    read_index_label,
-    source_entry,
-)
+from .common import Job, Payload, Plan, copy_checked, lines_file, source_entry
 
 VAL_LIST = "ImageSets/Segmentation/val.txt"
 ALLOWED = np.zeros(256, dtype=bool)
@@ -32,12 +22,7 @@ ALLOWED[255] = True
 
 def convert(job: Job) -> dict[str, Payload]:
     """Check one sample (label mode, size, values) and copy both files."""
-    image, label = job.inputs["image"], job.inputs["label"]
-    size, image_payload = image_size(image)
-    values, data = read_index_label(label)
-    check_same_size(values.shape, size, label.describe(), image.describe())
-    check_values(values, ALLOWED, label.describe(), "VOC labels (0..20 and 255)")
-    return {job.outputs[0]: image_payload, job.outputs[1]: label if label.kind == "file" else data}
+    return copy_checked(job, ALLOWED, "VOC labels (0..20 and 255)")
 
 
 def plan(raw: RawIndex) -> Plan:
