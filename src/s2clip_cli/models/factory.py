@@ -114,7 +114,7 @@ def weight_requests(clip_name: str, vfm_name: str | None, sam_name: str | None, 
     vfm_spec = registry.vfm_spec(vfm_name) if vfm_name else None
     requests: list[weights.Request] = [(registry.clip_spec(clip_name), paths.clip)]
     sam_spec = registry.sam_spec(sam_name) if sam_name else None
-    if vfm_spec is not None and not (_vfm_is_sam_encoder(vfm_spec, sam_spec) and paths.vfm is None):
+    if vfm_spec is not None and not _vfm_served_by_sam(vfm_spec, sam_spec, paths):
         requests.append((vfm_spec, paths.vfm))
     if sam_spec is not None:
         requests.append((sam_spec, paths.sam))
@@ -123,8 +123,11 @@ def weight_requests(clip_name: str, vfm_name: str | None, sam_name: str | None, 
     return requests
 
 
-def _vfm_is_sam_encoder(vfm_spec: registry.ModelSpec, sam_spec: registry.ModelSpec | None) -> bool:
-    return vfm_spec.name == "sam_vitb16" and sam_spec is not None and sam_spec.name == "vit_b"
+def _vfm_served_by_sam(vfm_spec: registry.ModelSpec, sam_spec: registry.ModelSpec | None,
+                       paths: ModelPaths) -> bool:
+    """Whether the VFM is SAM ViT-B's image encoder, taken from the SAM model (no VFM file of its own)."""
+    return (vfm_spec.name == "sam_vitb16" and sam_spec is not None and sam_spec.name == "vit_b"
+            and paths.vfm is None)
 
 
 def prefetch_weights(clip_name: str, vfm_name: str | None, sam_name: str | None, *, sd_name: str | None = None,
@@ -165,6 +168,7 @@ def load_models(
     sam_spec = registry.sam_spec(sam_name) if sam_name else None
     sd_spec = _sd_spec(sd_name) if sd_name else None
     tiny = mode == "tiny"
+    vfm_from_sam = vfm_spec is not None and _vfm_served_by_sam(vfm_spec, sam_spec, paths)
     requests = weight_requests(clip_name, vfm_name, sam_name, sd_name=sd_name, paths=paths)
     checkpoints: dict[str, Path | None] = {}
     identity: dict[str, str] = {}
@@ -173,15 +177,13 @@ def load_models(
         for (spec, _), path in zip(requests, resolved, strict=True):
             checkpoints[spec.name] = path
             identity[spec.name] = weights.content_identity(path)
-        if vfm_spec is not None and vfm_spec.name not in identity:  # sam_vitb16 served by the SAM ViT-B file
-            identity[vfm_spec.name] = identity[sam_spec.name] if sam_spec else ""
     else:
         for spec, _ in requests:
             identity[spec.name] = f"random-{mode}-seed{SEED}"
-        if vfm_spec is not None:
-            identity.setdefault(vfm_spec.name, f"random-{mode}-seed{SEED}")
         warnings.warn(random_warning(mode), stacklevel=2)
         torch.manual_seed(SEED)
+    if vfm_from_sam and vfm_spec is not None and sam_spec is not None:
+        identity[vfm_spec.name] = identity[sam_spec.name]  # sam_vitb16 served by the SAM ViT-B file
 
     from .vfm import SamEncoderVFM, build_vfm
 
@@ -194,7 +196,7 @@ def load_models(
 
         sam = build_sam(sam_spec.arch, tiny=tiny, checkpoint=checkpoints.get(sam_spec.name))
     vfm: nn.Module | None = None
-    if vfm_spec is not None and sam is not None and _vfm_is_sam_encoder(vfm_spec, sam_spec) and paths.vfm is None:
+    if vfm_from_sam and sam is not None:
         vfm = SamEncoderVFM(sam.image_encoder)  # one SAM ViT-B serves both roles
     elif vfm_spec is not None:
         vfm = build_vfm(vfm_spec, weights=checkpoints.get(vfm_spec.name), tiny=tiny)

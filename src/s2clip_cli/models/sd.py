@@ -195,13 +195,6 @@ class SDModels:
     def is_random(self) -> bool:
         return self.mode != "real"
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> SDModels:
-        """Move (and optionally cast) every model and the prompt embedding in place; returns self."""
-        for module in (self.vae, self.unet):
-            module.to(device=device, dtype=dtype)
-        self.prompt_embeds = self.prompt_embeds.to(device=device, dtype=dtype)
-        return self
-
 
 # ------------------------------------------------------------------------------------------ locating
 
@@ -235,6 +228,12 @@ def missing_sd_message(folder: Path, problem: str) -> str:
     )
 
 
+def missing_default_sd_message(note: str = "") -> str:
+    """`missing_sd_message` for the folder in the weights dir, where a missing SD checkpoint goes."""
+    folder = weights.weights_dir() / SD_SPEC.filename
+    return missing_sd_message(folder, (check_sd_folder(folder) or "incomplete") + note)
+
+
 def _download_patterns(fp16: bool) -> list[str]:
     variant = ".fp16" if fp16 else ""
     patterns = ["model_index.json", "scheduler/*.json", "tokenizer/*"]
@@ -249,7 +248,7 @@ def _hf_cached_folder() -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
     hit = try_to_load_from_cache(repo_id=SD_SPEC.hf_repo, filename="unet/config.json",
-                                 cache_dir=weights._hf_cache_dir())
+                                 cache_dir=weights.hf_cache_dir())
     return Path(hit).parent.parent if isinstance(hit, str) else None
 
 
@@ -261,7 +260,7 @@ def _hf_download(fp16: bool) -> Path:
 
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # errors reach the user as ours
     return Path(snapshot_download(repo_id=SD_SPEC.hf_repo, allow_patterns=_download_patterns(fp16),
-                                  cache_dir=weights._hf_cache_dir()))
+                                  cache_dir=weights.hf_cache_dir()))
 
 
 def locate_sd(explicit: str | Path | None = None) -> weights.Located:
@@ -304,14 +303,12 @@ def resolve_sd(explicit: str | Path | None = None, *, offline: bool = False) -> 
     found = locate_sd(explicit)
     if found.path is not None:
         return found.path
-    folder = weights.weights_dir() / SD_SPEC.filename
-    problem = check_sd_folder(folder) or "incomplete"
     if weights.is_offline(offline):
-        raise S2ClipError(missing_sd_message(folder, problem + "; offline"))
+        raise S2ClipError(missing_default_sd_message("; offline"))
     try:
         return download_sd()
     except S2ClipError as exc:
-        raise S2ClipError(f"{missing_sd_message(folder, problem)} — {exc}") from None
+        raise S2ClipError(f"{missing_default_sd_message()} — {exc}") from None
 
 
 # ------------------------------------------------------------------------------------------ building

@@ -18,11 +18,9 @@ def verify_spec(spec: ModelSpec) -> Path:
     found = locate(spec)
     if found.path is None:
         if spec.family == "sd":
-            from .sd import check_sd_folder, missing_sd_message
-            from .weights import weights_dir
+            from .sd import missing_default_sd_message
 
-            folder = weights_dir() / spec.filename
-            raise S2ClipError(missing_sd_message(folder, check_sd_folder(folder) or "incomplete"))
+            raise S2ClipError(missing_default_sd_message())
         raise S2ClipError(missing_message(spec))
     if spec.family == "clip":
         from .clip import build_clip

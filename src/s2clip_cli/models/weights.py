@@ -86,7 +86,7 @@ def hf_cache_dir() -> str | None:
     return None
 
 
-_hf_cache_dir = hf_cache_dir  # the old private name, still called by models/sd.py
+_hf_cache_dir = hf_cache_dir  # the old private name
 
 
 def _hf_candidates(spec: ModelSpec) -> tuple[str, ...]:
@@ -410,9 +410,6 @@ def resolve_all(requests: Sequence[Request], *, offline: bool = False) -> list[P
 def resolve(spec: ModelSpec, explicit: str | Path | None = None, *, offline: bool = False) -> Path:
     """Return a checkpoint path for `spec`, downloading it only when allowed."""
     return resolve_all([(spec, explicit)], offline=offline)[0]
-
-
-resolve_any = resolve
 
 
 class RankGroup(Protocol):

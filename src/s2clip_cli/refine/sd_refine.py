@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -33,6 +32,7 @@ from torch import Tensor
 
 from ..errors import S2ClipError
 from ..models.sd import SDModels
+from ..profiling import StageTimer
 
 # CLIPer's DIFFUSION_LAYERS[-4] then [-6]: the two self-attention layers of the finest up block.
 HOOKED_LAYERS = (
@@ -131,26 +131,6 @@ def capture_attention(unet: Any, layer_names: tuple[str, ...] = HOOKED_LAYERS,
 # ------------------------------------------------------------------------------ one SD pass
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@contextmanager
-def _stage(timings: dict[str, float] | None, name: str, device: torch.device) -> Iterator[None]:
-    """Add the wall time of the block to ``timings[name]`` (no-op when `timings` is None)."""
-    if timings is None:
-        yield
-        return
-    _sync(device)
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        _sync(device)
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
-
-
 def prepare_image(image: np.ndarray, size: int, device: torch.device) -> Tensor:
     """``[1, 3, size, size]`` float32 in [−1, 1] from an H×W×3 uint8 RGB image, as CLIPer's
     ``image_processor.preprocess(img / 255, height=size, width=size)``: plain `F.interpolate`
@@ -190,10 +170,11 @@ def sd_attention_maps(sd: SDModels, image: np.ndarray, *, seed: int = 0, size: i
     if size < factor or size % factor:
         raise S2ClipError(f"SD input size must be a positive multiple of {factor}, got {size}")
     device, dtype = sd.device, sd.dtype
-    with _stage(timings, "vae_encode", device):
+    stages = StageTimer(device, enabled=timings is not None, times=timings)
+    with stages("vae_encode"):
         x = prepare_image(image, size, device).to(dtype)
         latents = sd.vae.encode(x).latent_dist.mean.float() * float(sd.vae.config.scaling_factor)
-    with _stage(timings, "unet", device):
+    with stages("unet"):
         t = sd_timestep(sd)
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device)
@@ -364,6 +345,6 @@ class SDRefiner:
         (see `sd_refine`). When `timings` is a dict, seconds per stage (``vae_encode``, ``unet``,
         ``propagate`` — the last one covering all of `sd_refine`) are added to it."""
         maps = self.attention_maps(image, timings)
-        with _stage(timings, "propagate", maps.device):
+        with StageTimer(maps.device, enabled=timings is not None, times=timings)("propagate"):
             refined = sd_refine(probs, maps, self.threshold)
         return refined
