@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -58,7 +58,8 @@ def window_multiple(*patch_sizes: int) -> int:
     return math.lcm(*patch_sizes)
 
 
-def _normalize(crops: Tensor, mean: tuple, std: tuple) -> Tensor:
+def normalized(crops: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """``(crops − mean) / std`` per channel of images ``[B, 3, h, w]``."""
     return (crops - torch.tensor(mean, device=crops.device).view(1, 3, 1, 1)) / torch.tensor(
         std, device=crops.device).view(1, 3, 1, 1)
 
@@ -68,7 +69,7 @@ def clip_layer_maps(clip: ClipBackbone, crops: Tensor, layers: list[int], dtype:
     on the CPU."""
     device = next(clip.parameters()).device
     with torch.no_grad(), autocast(device, dtype):
-        streams = clip.residual_streams(_normalize(crops.to(device), CLIP_MEAN, CLIP_STD), layers)
+        streams = clip.residual_streams(normalized(crops.to(device), CLIP_MEAN, CLIP_STD), layers)
     gh, gw = streams.grid
     return {layer: s[:, 1:].transpose(1, 2).reshape(s.shape[0], -1, gh, gw).float().cpu()
             for layer, s in zip(streams.layers, streams.streams, strict=True)}
@@ -78,4 +79,4 @@ def vfm_maps(vfm: nn.Module, crops: Tensor, dtype: torch.dtype) -> Tensor:
     """The VFM's last-layer patch features ``[B, C, h, w]``, float32 on the CPU."""
     device = next(vfm.parameters()).device
     with torch.no_grad(), autocast(device, dtype):
-        return vfm(_normalize(crops.to(device), IMAGENET_MEAN, IMAGENET_STD)).float().cpu()
+        return vfm(normalized(crops.to(device), IMAGENET_MEAN, IMAGENET_STD)).float().cpu()

@@ -28,6 +28,7 @@ from ..models.clip import CLIP_MEAN, CLIP_STD, ClipBackbone
 from ..models.precision import autocast, full_precision
 from ..models.vfm import IMAGENET_MEAN, IMAGENET_STD
 from ..pipeline.attention import STRATEGIES, dense_clip_features
+from .features import normalized
 
 # Strategies that need more than the image (a VFM's features) cannot be drawn from CLIP alone.
 DRAWABLE_STRATEGIES: tuple[str, ...] = tuple(name for name, s in STRATEGIES.items() if not s.needs_vfm)
@@ -55,12 +56,6 @@ def image_tensor(image: np.ndarray, patch: int, device: torch.device | str = "cp
     return x
 
 
-def _normalised(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    m = torch.tensor(list(mean), device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(list(std), device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
-
-
 @torch.no_grad()
 def strategy_feature_map(clip: ClipBackbone, image: np.ndarray, strategy: str, dtype: torch.dtype = torch.float32,
                          device: torch.device | str = "cpu") -> Tensor:
@@ -71,7 +66,7 @@ def strategy_feature_map(clip: ClipBackbone, image: np.ndarray, strategy: str, d
         raise S2ClipError(f"cannot draw strategy {strategy!r} from CLIP alone; choose from: "
                           f"{', '.join(DRAWABLE_STRATEGIES)} (VFM features: --vfm)")
     device = torch.device(device)
-    x = _normalised(image_tensor(image, clip.patch_size, device), CLIP_MEAN, CLIP_STD)
+    x = normalized(image_tensor(image, clip.patch_size, device), CLIP_MEAN, CLIP_STD)
     grid = (x.shape[-2] // clip.patch_size, x.shape[-1] // clip.patch_size)
     with autocast(device, dtype):
         tokens = dense_clip_features(clip, x, strategy)  # [1, h*w, E]
@@ -85,7 +80,7 @@ def vfm_feature_map(vfm: nn.Module, image: np.ndarray, dtype: torch.dtype = torc
     resolution rounded to the VFM's patch size."""
     device = torch.device(device)
     patch = int(getattr(vfm, "patch_size", 16))
-    x = _normalised(image_tensor(image, patch, device), IMAGENET_MEAN, IMAGENET_STD)
+    x = normalized(image_tensor(image, patch, device), IMAGENET_MEAN, IMAGENET_STD)
     with autocast(device, dtype):
         feats = vfm(x)
     return feats[0].float()

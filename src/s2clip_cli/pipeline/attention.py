@@ -37,9 +37,10 @@ the number of passes explicitly; ``dense_clip_features`` and ``attention_matrix`
 the per-slot attentions of CLIPer's all-layer fusion, which ``cliper_layer_features`` runs.
 
 Entry points: ``dense_clip_features`` (one strategy, last block only: the baselines' features);
-``attention_matrix`` + ``correlation_tokens`` + ``project_tokens`` (an attention applied to any
-kept stream's value path: S2CLIP's hierarchical layers); ``cliper_layer_features`` (CLIPer). A row left without positive entries after the
-clamp becomes all-zero instead of CLIPer's NaN.
+``attention_matrix`` + ``correlation_tokens`` (an attention applied to any kept stream's value
+path, then ``ClipBackbone.project_values``: S2CLIP's hierarchical layers);
+``cliper_layer_features`` (CLIPer). A row left without positive entries after the clamp becomes
+all-zero instead of CLIPer's NaN.
 """
 
 from __future__ import annotations
@@ -391,11 +392,6 @@ def correlation_tokens(model: nn.Module, attention: AttentionMap, stream: Tensor
     return last.attn.out_proj(_attend(attention, _values(stream, last), clip_grid))
 
 
-def project_tokens(model: nn.Module, tokens: Tensor) -> Tensor:
-    """``ln_post`` then the visual ``proj``: ``[..., D]`` -> ``[..., E]`` (not normalised)."""
-    return _backbone(model).project_values(tokens)
-
-
 def dense_clip_features(model: nn.Module, images: Tensor, strategy: str, *, residual: bool = False,
                         ffn: bool = False, sigma: float = DEFAULT_SIGMA, vfm_features: Tensor | None = None,
                         fused_passes: int | None = None, beta: float = BETA, gamma: float = GAMMA) -> Tensor:
@@ -476,5 +472,5 @@ def cliper_layer_features(model: nn.Module, images: Tensor, strategy: str = "fus
 __all__ = [
     "STRATEGIES", "AttentionInputs", "AttentionMap", "AttentionStrategy", "EarlyPass", "HeadProjections",
     "LayerFeatures", "attention_matrix", "cliper_layer_features", "correlation_tokens", "dense_clip_features", "early_blocks", "fused_attention",
-    "fused_attention_sequence", "gaussian_addition", "get_strategy", "head_attention", "project_tokens",
+    "fused_attention_sequence", "gaussian_addition", "get_strategy", "head_attention",
 ]

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..errors import S2ClipError
 from ..methods import LAYERS_CLIPER, LAYERS_HIERARCHICAL, Method
-from ..models.clip import default_layers
+from ..models.clip import ClipLayerStreams, default_layers
 from ..models.precision import autocast, full_precision
 from ..profiling import StageTimer
 from .attention import cliper_layer_features, dense_clip_features
@@ -91,14 +91,19 @@ class ProxyLayersHead(FeatureHead):
         return [clip.num_blocks - 2]
 
     def window_logits(self, windows: Tensor, timer: StageTimer) -> Tensor:
-        seg = self.seg
-        clip, vfm = seg.models.clip, seg.models.vfm
-        with timer("vfm"), autocast(seg.device, seg.dtype):
-            feats = vfm(self._vfm_input(windows))
-        with timer("clip"), autocast(seg.device, seg.dtype):
-            streams = clip.residual_streams(self._clip_input(windows), seg.layers)
-        with timer("fusion"), full_precision(seg.device):
+        feats, streams = self._backbones(windows, timer)
+        with timer("fusion"), full_precision(self.seg.device):
             return self._fuse(feats.float(), streams.streams, streams.grid)
+
+    def _backbones(self, windows: Tensor, timer: StageTimer) -> tuple[Tensor, ClipLayerStreams]:
+        """The VFM's patch features and the kept CLIP streams of windows ``[B, 3, H, W]`` in [0, 1],
+        under the run's precision."""
+        seg = self.seg
+        with timer("vfm"), autocast(seg.device, seg.dtype):
+            feats = seg.models.vfm(self._vfm_input(windows))
+        with timer("clip"), autocast(seg.device, seg.dtype):
+            streams = seg.models.clip.residual_streams(self._clip_input(windows), seg.layers)
+        return feats, streams
 
     def mixed_values(self, feats: Tensor, streams: list[Tensor], clip_grid: tuple[int, int]) -> Tensor:
         """``out_proj(A·R·v)`` of every stream, ``[B, L, M, D]`` on the VFM grid (before ``ln_post``)."""
@@ -182,10 +187,7 @@ class TridentHead(ProxyLayersHead):
             if any((c % patch) for box in batch.boxes for c in box) or batch.offset != (0, 0):
                 raise S2ClipError(f"trident's windows must lie on the {patch}-pixel token grid (crop {cfg.crop}, "
                                   f"stride {cfg.stride})")
-            with timer("vfm"), autocast(seg.device, seg.dtype):
-                feats = seg.models.vfm(self._vfm_input(batch.crops))
-            with timer("clip"), autocast(seg.device, seg.dtype):
-                streams = clip.residual_streams(self._clip_input(batch.crops), seg.layers)
+            feats, streams = self._backbones(batch.crops, timer)
             with timer("fusion"), full_precision(seg.device):
                 tokens = self.mixed_values(feats.float(), streams.streams, streams.grid)[:, 0]  # [B, M, D]
                 gh, gw = feats.shape[-2:]

@@ -39,7 +39,7 @@ from ..models.vfm import IMAGENET_MEAN, IMAGENET_STD
 from ..profiling import StageTimer
 from .fusion import resample_matrix
 from .method_features import PROBABILITY, make_head
-from .text import DEFAULT_TEMPLATE_SET, TEMPLATE_SETS, ClassQueries, build_queries, encode_names
+from .text import DEFAULT_TEMPLATE_SET, ClassQueries, build_queries, encode_names, template_set
 from .transforms import resize_short_side
 from .windows import Stitcher, WindowBatch, sliding_windows, window_batches
 
@@ -449,8 +449,7 @@ def check_config(config: SegmenterConfig) -> None:
     if config.method not in METHODS:
         raise S2ClipError(f"unknown method {config.method!r}; choose one of: {', '.join(METHODS)}")
     method = METHODS[config.method]
-    if config.templates not in TEMPLATE_SETS:
-        raise S2ClipError(f"unknown template set {config.templates!r}; choose one of: {', '.join(TEMPLATE_SETS)}")
+    template_set(config.templates)  # an unknown set is an error here, before any model is loaded
     if config.layers and method.strategy != "proxy":
         raise S2ClipError(f"--layers applies to the proxy-attention methods (s2clip, proxyclip); {method.name} "
                           "uses its own layers")
