@@ -145,3 +145,20 @@ def test_python_dash_m_entry_point() -> None:
     proc = subprocess.run([sys.executable, "-m", "s2clip_cli", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "segment" in proc.stdout
+
+
+def test_help_does_not_import_torch() -> None:
+    """Parsing (and `--help`) must stay fast: torch is imported only when a command runs."""
+    code = ("import sys; from typer.testing import CliRunner; from s2clip_cli.cli import app; "
+            "result = CliRunner().invoke(app, ['segment', '--help']); "
+            "assert result.exit_code == 0, result.output; print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+def test_precision_choices_match_the_library() -> None:
+    from s2clip_cli.cli.common import PrecisionName
+    from s2clip_cli.models.precision import PRECISIONS
+
+    assert [p.value for p in PrecisionName] == list(PRECISIONS)

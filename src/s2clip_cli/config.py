@@ -19,6 +19,8 @@ SEGMENT_STRIDE = 112
 SEGMENT_SHORT_SIDE = 448
 MAX_LONG_SIDE = 2048
 IGNORE_INDEX = 255
+# `--precision` (models.precision maps them to dtypes; here so that parsing needs no torch).
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16")
 
 # Stuff names queried for the background class when `segment` keeps a background
 # (the with-background benchmarks' convention: the class-name file's first line).

@@ -73,11 +73,11 @@ def bench_sam(
     loaded, fg, bg, preset = load_bench_inputs(images, value(dataset), data_root, limit,
                                                parse_class_list(classes) if classes else None)
     cfg = SegmenterConfig(method=value(method), clip=value(clip), sam=value(sam), precision=value(precision),
-                          sd=sd, sd_threshold=0.2 if sd_threshold is None else sd_threshold, seed=seed_sd,
+                          sd=sd, seed=seed_sd,
                           models=value(models), device=value(device), offline=offline,
                           weights=ModelPaths(clip=clip_weights, vfm=vfm_weights, sam=sam_weights, sd=sd_weights))
     warn_random(value(models))
     run_bench_sam(cfg, classes=fg, background=bg, images=loaded, synthetic=synthetic, preset=preset, seed=seed,
-                  sd_threshold=sd_threshold, explicit=given(vfm=value(vfm), pamr=pamr),
+                  explicit=given(vfm=value(vfm), pamr=pamr, sd_threshold=sd_threshold),
                   repeats=repeats, iou_thresh=iou_thresh, json_path=output, console=out,
                   record_config=config_record(ctx))

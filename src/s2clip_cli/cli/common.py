@@ -16,10 +16,9 @@ import typer
 from rich.console import Console
 from typer.exceptions import TyperException
 
+from ..config import PRECISIONS
 from ..data.presets import PRESETS
 from ..errors import S2ClipError, one_line
-from ..io.files import json_safe
-from ..models.precision import PRECISIONS
 from ..models.registry import CLIP_SPECS, SAM_SPECS, VFM_SPECS
 
 console = Console(stderr=True)
@@ -64,20 +63,20 @@ def warn_random(mode: str) -> None:
 
 
 # ------------------------------------------------------------------------------------- choices
-def _choices(name: str, values: list[str]) -> type[enum.Enum]:
+def choices(name: str, values: list[str]) -> type[enum.Enum]:
     """A str Enum whose values are `values`: Typer lists them in --help and rejects anything else."""
     return enum.Enum(name, {v: v for v in values}, type=str)  # type: ignore[return-value]
 
 
-ClipName = _choices("ClipName", list(CLIP_SPECS))
-VfmName = _choices("VfmName", list(VFM_SPECS))
-SamName = _choices("SamName", list(SAM_SPECS))
-PrecisionName = _choices("PrecisionName", list(PRECISIONS))
-CombineName = _choices("CombineName", ["mean", "entropy"])
-SamImplName = _choices("SamImplName", ["optimized", "original"])
-ModelsMode = _choices("ModelsMode", ["real", "tiny", "random"])
-DeviceName = _choices("DeviceName", ["auto", "cpu", "cuda"])
-PresetName = _choices("PresetName", list(PRESETS))
+ClipName = choices("ClipName", list(CLIP_SPECS))
+VfmName = choices("VfmName", list(VFM_SPECS))
+SamName = choices("SamName", list(SAM_SPECS))
+PrecisionName = choices("PrecisionName", list(PRECISIONS))
+CombineName = choices("CombineName", ["mean", "entropy"])
+SamImplName = choices("SamImplName", ["optimized", "original"])
+ModelsMode = choices("ModelsMode", ["real", "tiny", "random"])
+DeviceName = choices("DeviceName", ["auto", "cpu", "cuda"])
+PresetName = choices("PresetName", list(PRESETS))
 
 
 def value(choice: Any) -> Any:
@@ -105,7 +104,6 @@ DATASETS_HELP = f"Preset(s), comma-separated, or all: {', '.join(PRESETS)}."
 
 # Options shared by the commands that build models.
 ClipOpt = Annotated[ClipName, typer.Option("--clip", help="CLIP backbone.")]
-VfmOpt = Annotated[VfmName, typer.Option("--vfm", help="VFM for proxy attention (default dino_vitb8).")]
 DeviceOpt = Annotated[DeviceName, typer.Option("--device", help="Where models run.")]
 PrecisionOpt = Annotated[PrecisionName, typer.Option(
     "--precision", help="Backbone precision: auto (fp16 on CUDA, fp32 on the CPU), fp32, fp16 or bf16. Attention "
@@ -174,6 +172,8 @@ ConfigOpt = Annotated[Path | None, typer.Option(
 def config_record(ctx: typer.Context) -> dict[str, Any]:
     """This invocation's options as plain JSON values: the `config` block of results files, which
     `--config` accepts back."""
+    from ..io.files import json_safe  # (numpy: not at start-up)
+
     return json_safe({name: value(v) if not isinstance(v, list) else [value(x) for x in v]
                       for name, v in ctx.params.items() if name != "config"})
 

@@ -114,13 +114,13 @@ def eval_command(
     )
     explicit = given(short_side=short_side, crop=crop, stride=stride, prob_thd=prob_thd, logit_scale=logit_scale,
                      vfm=value(vfm), sam=value(sam), layers=parse_layers(layers),
-                     combine=value(combine) if value(combine) != "mean" else None, pamr=pamr, no_sam=no_sam or None)
+                     combine=value(combine) if value(combine) != "mean" else None, pamr=pamr, no_sam=no_sam or None,
+                     sd_threshold=sd_threshold)
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         warn_random(value(models))
     common = dict(limit=limit, save_preds=save_preds, num_workers=num_workers, images=images, masks=masks,
-                  class_names=class_names, reduce_zero_label=reduce_zero_label, sd_threshold=sd_threshold,
-                  explicit=explicit)
+                  class_names=class_names, reduce_zero_label=reduce_zero_label, explicit=explicit)
     if len(methods) > 1:
         by_method = run_eval_methods(methods, names, data_root, base, work_dir=work_dir, console=console,
                                      record_config=config_record(ctx), **common)

@@ -3,20 +3,15 @@ parsing only; the work is in `commands/methods.py`."""
 
 from __future__ import annotations
 
-import enum
 from typing import Annotated, Any
 
 import typer
 
 from ..methods import METHODS
-from ..models.registry import SAM_SPECS, VFM_SPECS
-from .common import out, user_errors
+from .common import SamName, VfmName, choices, out, user_errors
 
-# str Enums: Typer lists their values in --help and rejects anything else.
-MethodName = enum.Enum("MethodName", {name: name for name in METHODS}, type=str)  # type: ignore[misc]
-MethodOrAll = enum.Enum("MethodOrAll", {name: name for name in [*METHODS, "all"]}, type=str)  # type: ignore[misc]
-VfmChoice = enum.Enum("VfmChoice", {name: name for name in VFM_SPECS}, type=str)  # type: ignore[misc]
-SamChoice = enum.Enum("SamChoice", {name: name for name in SAM_SPECS}, type=str)  # type: ignore[misc]
+MethodName = choices("MethodName", list(METHODS))
+MethodOrAll = choices("MethodOrAll", [*METHODS, "all"])
 
 MethodOpt = Annotated[MethodName, typer.Option(
     "--method", help="Training-free method (see `s2clip methods`): its attention, layers, VFM, post-processing and "
@@ -25,10 +20,10 @@ MethodOrAllOpt = Annotated[MethodOrAll, typer.Option(
     "--method", help="Training-free method (see `s2clip methods`), or all: every method into <work-dir>/<method>/ "
     "plus comparison.md/json. Its protocol on each dataset applies; options given explicitly override it.")]
 # Options whose default is the method's value: None = not given.
-MethodVfmOpt = Annotated[VfmChoice | None, typer.Option(
+MethodVfmOpt = Annotated[VfmName | None, typer.Option(
     "--vfm", help="VFM for proxy attention (default: the method's; dino_vitb8 for s2clip and proxyclip, dino_vitb16 "
     "for trident).")]
-MethodSamOpt = Annotated[SamChoice | None, typer.Option(
+MethodSamOpt = Annotated[SamName | None, typer.Option(
     "--sam", help="SAM model for post-processing (default vit_b, for the methods that use SAM; given explicitly, SAM "
     "prompt refinement is added to any method).")]
 PamrOpt = Annotated[bool | None, typer.Option(

@@ -90,7 +90,7 @@ def run_bench_sam(config: SegmenterConfig, *, classes: list[list[str]], backgrou
                   images: list[np.ndarray] | None, synthetic: int | None, preset: DatasetPreset | None = None,
                   seed: int = 0, repeats: int = 1, iou_thresh: float = 0.8, json_path: Path | None = None,
                   console: Console | None = None, record_config: dict[str, Any] | None = None,
-                  sd_threshold: float | None = None, explicit: dict[str, Any] | None = None) -> dict[str, Any]:
+                  explicit: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build the models once, then time the three variants; writes JSON when `json_path` is given.
 
     The coarse maps are `config.method`'s, under its protocol on `preset` (its own defaults without
@@ -99,8 +99,7 @@ def run_bench_sam(config: SegmenterConfig, *, classes: list[list[str]], backgrou
     if config.sam is None:
         raise S2ClipError("bench-sam needs a SAM model (drop --no-sam)")
     sam = config.sam
-    given = {**(explicit or {}), **({"sd_threshold": sd_threshold} if sd_threshold is not None else {})}
-    config = method_config(config, config.method, preset, {**given, "sam": sam})
+    config = method_config(config, config.method, preset, {**(explicit or {}), "sam": sam})
     if json_path is not None:
         prepare_output_dir(json_path.parent)  # fail now, not after the benchmark
     with console.status("loading models…"), warnings.catch_warnings():

@@ -11,15 +11,13 @@ from typing import Any
 from rich.console import Console
 
 from ..analysis.features import clip_layer_maps, image_windows
-from ..analysis.reports import entropy_table, write_entropy_outputs
+from ..analysis.reports import ENTROPY_STATS, entropy_table, write_entropy_outputs
+from ..config import SEGMENT_SHORT_SIDE
 from ..models.clip import ClipBackbone
 from ..models.factory import load_single, resolve_device
 from ..models.precision import compute_dtype, dtype_name
 from ..pipeline.spatial_entropy import spatial_entropy
 from .inputs import default_figure_datasets, image_sources, progress_bar
-
-SEGMENT_SHORT_SIDE = 448
-STATS = ("entropy", "gini", "channel_corr")
 
 
 def run_entropy(backbone: str, dataset_names: list[str], data_root: Path | None, *, images_dir: Path | None = None,
@@ -43,11 +41,11 @@ def run_entropy(backbone: str, dataset_names: list[str], data_root: Path | None,
     for source in image_sources(dataset_names, data_root, images_dir, limit):
         short_side = source.dataset.preset.short_side if source.dataset is not None else SEGMENT_SHORT_SIDE
         stride = source.dataset.preset.stride if source.dataset is not None else 224
-        sums = {layer: dict.fromkeys(STATS, 0.0) for layer in layers}
+        sums = {layer: dict.fromkeys(ENTROPY_STATS, 0.0) for layer in layers}
         with progress_bar(console) as progress:
             task = progress.add_task(f"entropy {source.name}", total=len(source.items))
             for item in source.items:
-                image_sums = {layer: dict.fromkeys(STATS, 0.0) for layer in layers}
+                image_sums = {layer: dict.fromkeys(ENTROPY_STATS, 0.0) for layer in layers}
                 windows = 0
                 for batch in image_windows(source.image(item), short_side=short_side, stride=stride,
                                            multiple=clip.patch_size, batch_size=window_batch):
@@ -58,7 +56,7 @@ def run_entropy(backbone: str, dataset_names: list[str], data_root: Path | None,
                                 image_sums[layer][key] += value
                     windows += batch.crops.shape[0]
                 for layer in layers:
-                    for key in STATS:
+                    for key in ENTROPY_STATS:
                         sums[layer][key] += image_sums[layer][key] / windows
                 progress.advance(task)
         n = len(source.items)

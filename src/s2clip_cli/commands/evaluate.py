@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -164,18 +163,14 @@ def run_eval(dataset_names: list[str], data_root: Path | None, base: SegmenterCo
              limit: int | None = None, save_preds: bool = False, num_workers: int = 2,
              images: Path | None = None, masks: Path | None = None, class_names: Path | None = None,
              reduce_zero_label: bool = False, console: Console | None = None,
-             record_config: dict[str, Any] | None = None, sd_threshold: float | None = None,
-             explicit: dict[str, Any] | None = None, strict: bool = True,
-             pool: ModelPool | None = None) -> list[dict[str, Any]]:
+             record_config: dict[str, Any] | None = None, explicit: dict[str, Any] | None = None,
+             strict: bool = True, pool: ModelPool | None = None) -> list[dict[str, Any]]:
     """Evaluate `base.method` on each dataset; returns each dataset's results dict.
 
     Each dataset's configuration is the method's protocol on its preset (`commands.methods`) with
-    the options in `explicit` (given by the user) on top; `sd_threshold` is one of them."""
+    the options in `explicit` (given by the user) on top."""
     console = console or Console(stderr=True)
-    explicit = {**(explicit or {}), **({"sd_threshold": sd_threshold} if sd_threshold is not None else {})}
-    device = str(base.device)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(base.device))
     ctx = DistContext.from_env(device)
     try:
         if device.startswith("cuda") and ctx.is_distributed:
@@ -200,12 +195,10 @@ def run_eval(dataset_names: list[str], data_root: Path | None, base: SegmenterCo
             if variant is not None:  # the method's own class-name file (e.g. ClearCLIP's 'background')
                 ds = dataclasses.replace(ds, class_names=variant)
             classes, background = split_background(ds)
-            if models is None and pool is not None:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)
-                    models = pool.get(cfg)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
+                if models is None and pool is not None:
+                    models = pool.get(cfg)
                 seg = Segmenter.build(cfg, classes, background, models=models)
             models = seg.models  # one set of models for every dataset
             use_sam = seg.uses_sam_prompts

@@ -10,11 +10,11 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..data.datasets import SegDataset, open_dataset
+from ..data.datasets import SegDataset
 from ..data.sources import default_data_root, prepare_command
 from ..errors import S2ClipError
 from ..io.images import collect_images, read_image
-from .evaluate import resolve_data_root
+from .evaluate import open_datasets
 
 # The datasets of the paper's Figures 3 and 4.
 FIGURE_DATASETS: tuple[str, ...] = ("ade20k", "cityscapes", "coco_stuff164k", "context59")
@@ -55,15 +55,13 @@ def image_sources(dataset_names: list[str], data_root: Path | None, images_dir: 
     if images_dir is not None:
         yield ImageSource(images_dir.name, None, collect_images([images_dir])[:limit])
         return
-    several = len(dataset_names) > 1
-    opened = [(name, open_dataset(name, resolve_data_root(name, data_root, several))) for name in dataset_names]
-    for name, ds in opened:
+    for name, ds in open_datasets(dataset_names, data_root):
         count = len(ds) if limit is None else min(limit, len(ds))
         if count == 0:
             raise S2ClipError(f"{name}: no images to analyse")
         yield ImageSource(name, ds, list(range(count)))
 
 
-def progress_bar(console: Console) -> Progress:
+def progress_bar(console: Console, *, disable: bool = False) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console)
+                    console=console, disable=disable)

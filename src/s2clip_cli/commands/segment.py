@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..config import DEFAULT_BACKGROUND
 from ..errors import S2ClipError
@@ -16,6 +15,7 @@ from ..io.images import read_image
 from ..io.outputs import class_shares, make_palette, save_mask_png, save_overlay
 from ..models.precision import dtype_name
 from ..pipeline.segmenter import Segmenter, SegmenterConfig
+from .inputs import progress_bar
 from .methods import method_config
 
 
@@ -103,9 +103,7 @@ def run_segment(paths: list[Path], classes: list[list[str]], background: list[st
         seg = Segmenter.build(config, classes, background)
     failures = 0
     show_progress = len(paths) > 1
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console, disable=not show_progress)
-    with progress:
+    with progress_bar(console, disable=not show_progress) as progress:
         task = progress.add_task("segmenting", total=len(paths))
         for path in paths:
             try:

@@ -29,14 +29,14 @@ DEFAULT_STRATEGIES = ("vanilla", "qq", "kk", "vv")
 DEFAULT_VFMS = ("dino_vitb8", "dinov2_vitb14")
 
 
-def parse_names(spec: str | None, default: tuple[str, ...], valid: tuple[str, ...] | None, what: str) -> list[str]:
+def parse_names(spec: str | None, default: tuple[str, ...], valid: tuple[str, ...], what: str) -> list[str]:
     """A comma list (empty string: none) checked against `valid`."""
     if spec is None:
         return list(default)
     names = [n.strip() for n in spec.split(",") if n.strip()]
-    bad = [n for n in names if valid is not None and n not in valid]
+    bad = [n for n in names if n not in valid]
     if bad:
-        raise S2ClipError(f"unknown {what} {', '.join(map(repr, bad))}; choose from: {', '.join(valid or ())}")
+        raise S2ClipError(f"unknown {what} {', '.join(map(repr, bad))}; choose from: {', '.join(valid)}")
     return names
 
 

@@ -42,7 +42,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
-
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically; returns the path."""
     with atomic_path(path) as tmp:

@@ -148,7 +148,3 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
                 seen.add(key)
                 result.append(candidate)
     return result
-
-
-# --------------------------------------------------------------------------- resizing
-

@@ -14,10 +14,10 @@ from typing import Literal
 
 import torch
 
+from ..config import PRECISIONS
 from ..errors import S2ClipError
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
