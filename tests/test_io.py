@@ -13,7 +13,14 @@ import pytest
 from PIL import Image
 
 from s2clip_cli.errors import S2ClipError
-from s2clip_cli.io.files import atomic_path, prepare_output_dir, write_json
+from s2clip_cli.io.files import (
+    atomic_path,
+    atomic_write_bytes,
+    exclusive_lock,
+    hash_file,
+    prepare_output_dir,
+    write_json,
+)
 from s2clip_cli.io.images import IMAGE_SUFFIXES, collect_images, read_image
 from s2clip_cli.io.outputs import class_shares, make_palette, save_mask_png, save_overlay
 from s2clip_cli.pipeline.transforms import rescale_size, resize_short_side
@@ -284,6 +291,69 @@ def test_prepare_output_dir(tmp_path: Path) -> None:
     afile.write_text("x")
     with pytest.raises(S2ClipError, match=f"output path {afile} is a file, not a directory"):
         prepare_output_dir(afile)
+
+
+def test_durable_atomic_write(tmp_path: Path) -> None:
+    path = tmp_path / "r.bin"
+    assert atomic_write_bytes(path, b"abc", durable=True) == path
+    assert path.read_bytes() == b"abc" and [p.name for p in tmp_path.iterdir()] == ["r.bin"]
+    with pytest.raises(S2ClipError, match="cannot write"):
+        atomic_write_bytes(tmp_path / "missing" / "r.bin", b"x", durable=True)
+
+
+def test_hash_file_matches_hashlib_across_blocks(tmp_path: Path) -> None:
+    import hashlib
+
+    data = RNG.integers(0, 256, (1 << 20) + 12345, dtype=np.uint8).tobytes()  # two 1 MiB blocks
+    (tmp_path / "f").write_bytes(data)
+    size, digests = hash_file(tmp_path / "f", "sha256", "md5")
+    assert size == len(data)
+    assert digests == {"sha256": hashlib.sha256(data).hexdigest(), "md5": hashlib.md5(data).hexdigest()}
+
+
+def _busy(pid: str) -> str:
+    return f"busy (pid {pid})"
+
+
+def test_exclusive_lock_refuses_a_live_holder_and_takes_over_a_stale_file(tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    lock = tmp_path / "sub" / ".lock"
+    with exclusive_lock(lock, _busy):  # creates the folder
+        assert lock.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(S2ClipError, match=rf"^busy \(pid {os.getpid()}\)$"):
+            with exclusive_lock(lock, _busy):  # a second open file description: flock conflicts
+                pass
+    assert lock.exists()  # kept without remove=True; nobody holds it now
+    lock.write_text("99999\n")  # as a killed run leaves it
+    with exclusive_lock(lock, _busy, remove=True):
+        assert lock.read_text().strip() == str(os.getpid())
+        held = os.open(lock, os.O_RDWR)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(held)
+    assert not lock.exists()
+
+
+def test_exclusive_lock_retries_when_the_holder_removed_the_file(tmp_path: Path, monkeypatch) -> None:
+    """A process that opened the file just before its holder removed it must not lock the orphan."""
+    import s2clip_cli.io.files as files
+
+    lock = tmp_path / ".lock"
+    calls = []
+    real = files._names_file
+
+    def first_orphaned(path: Path, fd: int) -> bool:
+        calls.append(fd)
+        if len(calls) == 1:
+            path.unlink()  # the previous holder finishes between our open() and flock()
+        return real(path, fd)
+
+    monkeypatch.setattr(files, "_names_file", first_orphaned)
+    with exclusive_lock(lock, _busy, remove=True):
+        assert lock.exists() and len(calls) == 2
+    assert not lock.exists()
 
 
 # --------------------------------------------------------------------------- palettes, masks, overlays

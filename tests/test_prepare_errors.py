@@ -158,3 +158,22 @@ def test_other_preparation_in_the_same_folder_is_refused(tmp_path: Path) -> None
     with pytest.raises(S2ClipError, match="unknown dataset"):
         prepare("pascal", raw, tmp_path / "out")
     assert json.loads((tmp_path / "out/s2clip-data.json").read_text())["preparation"] == "ade20k"
+
+
+def test_a_second_prepare_on_the_same_folder_is_refused(tmp_path: Path) -> None:
+    import os
+
+    from raw_samples import pack
+
+    from s2clip_cli.data.prepare.runner import LOCK_NAME
+    from s2clip_cli.io.files import exclusive_lock
+
+    raw = pack(SAMPLES["ade20k"](), tmp_path / "raw", archives=False)
+    out = tmp_path / "out"
+    with exclusive_lock(out / LOCK_NAME, str):  # a live `data prepare` holds the folder
+        with pytest.raises(S2ClipError, match=rf"another `s2clip data prepare` \(pid {os.getpid()}\) is writing "
+                           rf"to {out}; wait for it to finish$"):
+            prepare("ade20k", raw, out, workers=0)
+    (out / LOCK_NAME).write_text("99999\n")  # left by a killed run: not a live holder
+    prepare("ade20k", raw, out, workers=0)
+    assert not (out / LOCK_NAME).exists()

@@ -21,10 +21,9 @@ import contextlib
 import io
 import json
 import math
-import os
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -37,6 +36,7 @@ from PIL import Image
 
 from ..data.datasets import SegDataset, label_colours
 from ..errors import S2ClipError
+from ..io.files import atomic_write_bytes, exclusive_lock
 from ..io.images import read_image
 from .distributed import DistContext, LostContact, PeerFailure, check_points
 from .metrics import confusion_matrix, summarize
@@ -83,20 +83,6 @@ def _identity(item: _Item) -> _Item:
     return item
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _pred_path(preds_dir: Path, image_id: str) -> Path:
     """``preds/<id>.png``; ids with folders (Cityscapes ``city/name``) keep them, never escaping."""
     parts = [p for p in image_id.replace("\\", "/").split("/") if p not in ("", ".", "..")]
@@ -112,7 +98,8 @@ def save_prediction(path: Path, pred: np.ndarray, num_classes: int) -> None:
         img = Image.fromarray(pred.astype(np.uint16))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue(), durable=True)
 
 
 def _versions() -> dict[str, str | None]:
@@ -167,34 +154,11 @@ def _progress(console: Any, enabled: bool, title: str) -> Any:
                     console=console or Console(stderr=True), disable=not enabled, transient=False)
 
 
-@contextlib.contextmanager
-def work_dir_lock(work_dir: Path) -> Iterator[None]:
-    """Hold an exclusive, non-blocking ``flock`` on ``<work_dir>/.lock`` (creating the folder) for the
-    body; `S2ClipError` at once when a live process holds it. The file keeps the holder's pid for the
-    message; the lock, not the file, is what counts (a file left by a killed run does not block)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no lock
-        yield
-        return
-    work_dir.mkdir(parents=True, exist_ok=True)
-    path = work_dir / LOCK_NAME
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise S2ClipError(f"cannot open the lock file {path}: {exc.strerror or exc}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            raise S2ClipError(f"work dir {work_dir} is in use by another s2clip eval (pid {holder}); wait for it "
-                              "to finish or use another --work-dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+def work_dir_lock(work_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """An exclusive lock on ``<work_dir>/.lock`` (creating the folder) for one run: `S2ClipError` at
+    once when a live process holds it; a file left by a killed run does not block."""
+    return exclusive_lock(work_dir / LOCK_NAME, lambda pid: f"work dir {work_dir} is in use by another s2clip "
+                          f"eval (pid {pid}); wait for it to finish or use another --work-dir")
 
 
 def evaluate(dataset: SegDataset, predict_fn: PredictFn, *, work_dir: Path, config: dict[str, Any],
@@ -365,9 +329,9 @@ def _evaluate(dataset: SegDataset, predict_fn: PredictFn, work_dir: Path, config
     }
     if ctx.is_main:
         text = json.dumps(results, indent=2, default=str) + "\n"
-        atomic_write_bytes(work_dir / "results.json", text.encode("utf-8"))
-        atomic_write_bytes(work_dir / "results.md", results_markdown(results).encode("utf-8"))
+        atomic_write_bytes(work_dir / "results.json", text.encode("utf-8"), durable=True)
+        atomic_write_bytes(work_dir / "results.md", results_markdown(results).encode("utf-8"), durable=True)
         buf = io.BytesIO()
         np.save(buf, total)
-        atomic_write_bytes(work_dir / "confusion.npy", buf.getvalue())
+        atomic_write_bytes(work_dir / "confusion.npy", buf.getvalue(), durable=True)
     return results

@@ -6,11 +6,12 @@ into place once complete, so an interrupted run never leaves a half-written file
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically; returns the path."""
+def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically; returns the path. ``durable``: the data reach the disk
+    (fsync) before the rename, so a crash of the machine cannot leave an empty file under the name."""
     with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
     return Path(path)
+
+
+def hash_file(path: str | Path, *algorithms: str) -> tuple[int, dict[str, str]]:
+    """(size, ``{algorithm: hex digest}``) of a file, read once in 1 MiB blocks (``hashlib`` names)."""
+    digests = {name: hashlib.new(name, usedforsecurity=False) for name in algorithms}  # integrity, not security
+    size = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            size += len(block)
+            for digest in digests.values():
+                digest.update(block)
+    return size, {name: digest.hexdigest() for name, digest in digests.items()}
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -90,3 +108,50 @@ def prepare_output_dir(path: str | Path) -> Path:
         raise S2ClipError(f"cannot create output directory {path}: {one_line(exc.strerror or exc)}") from exc
     return path
 
+
+
+@contextmanager
+def exclusive_lock(path: Path, busy: Callable[[str], str], *, remove: bool = False) -> Iterator[None]:
+    """Hold an exclusive, non-blocking ``flock`` on ``path`` (created with its folder) for the body;
+    `S2ClipError` ``busy(holder_pid)`` at once when a live process holds it. The file keeps the
+    holder's pid for that message; the lock, not the file, is what counts, so a file left by a killed
+    run never blocks. ``remove``: the file is deleted when the body ends (a process that opened it
+    just before is not fooled: it finds the name gone and retries on the new file)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise S2ClipError(f"cannot open the lock file {path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise S2ClipError(busy(holder)) from None
+        if not remove or _names_file(path, fd):
+            break
+        os.close(fd)  # the previous holder removed the file after we opened it: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield
+    finally:
+        if remove:
+            path.unlink(missing_ok=True)
+        os.close(fd)  # releases the lock
+
+
+def _names_file(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the open file ``fd``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import S2ClipError, one_line
-from ..io.files import atomic_path, atomic_write_text
+from ..io.files import atomic_path, atomic_write_text, hash_file
 from .registry import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -195,12 +195,7 @@ def missing_message(spec: ModelSpec) -> str:
 
 def _digest_file(path: Path) -> dict[str, str]:
     """sha256 and md5 of a file, in one pass."""
-    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            sha.update(chunk)
-            md5.update(chunk)
-    return {"sha256": sha.hexdigest(), "md5": md5.hexdigest()}
+    return hash_file(path, "sha256", "md5")[1]
 
 
 def _cache_path() -> Path:

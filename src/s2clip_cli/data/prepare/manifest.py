@@ -9,7 +9,6 @@ SHA-256.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import S2ClipError
-from ...io.files import write_json
+from ...io.files import hash_file, write_json
 from ..sources import MANIFEST_NAME
 
 PROGRESS_NAME = ".s2clip-data-progress.json"
@@ -39,14 +38,9 @@ class FileRecord:
 
 
 def file_record(root: Path, rel: str) -> FileRecord:
-    """Size and SHA-256 of ``root / rel`` (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(root / rel, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-            size += len(block)
-    return FileRecord(rel, size, digest.hexdigest())
+    """Size and SHA-256 of ``root / rel``."""
+    size, digests = hash_file(root / rel, "sha256")
+    return FileRecord(rel, size, digests["sha256"])
 
 
 def is_current(root: Path, record: FileRecord) -> bool:

@@ -15,10 +15,10 @@ import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ import PIL
 
 from ... import __version__
 from ...errors import S2ClipError, one_line
-from ...io.files import atomic_path, atomic_write_bytes, prepare_output_dir
+from ...io.files import atomic_path, atomic_write_bytes, exclusive_lock, prepare_output_dir
 from ..presets import get_preset
 from ..sources import default_data_root, source_for
 from . import ade20k, cityscapes, coco, context, voc
@@ -151,37 +151,10 @@ def _execute(jobs: list[Job], root: Path, workers: int, on_done: Callable[[list[
         raise error
 
 
-@contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    """One preparation at a time per output folder (a stale lock of a dead process is taken over)."""
-    path = root / LOCK_NAME
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        try:
-            pid = int(path.read_text().strip() or 0)
-        except (OSError, ValueError):
-            pid = 0
-        if pid and pid != os.getpid() and _alive(pid):
-            raise S2ClipError(f"another `s2clip data prepare` (pid {pid}) is writing to {root}; wait for it "
-                              f"(or delete {path} if it is gone)") from None
-        fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY)
-    try:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _locked(root: Path) -> AbstractContextManager[None]:
+    """One preparation at a time per output folder (a lock file left by a killed run does not block)."""
+    return exclusive_lock(root / LOCK_NAME, lambda pid: f"another `s2clip data prepare` (pid {pid}) is writing "
+                          f"to {root}; wait for it to finish", remove=True)
 
 
 # ------------------------------------------------------------------------------------------ prepare
