@@ -4,7 +4,6 @@ input — under the dataset's preset when one is given, and the run's precision.
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import warnings
 from pathlib import Path
@@ -61,16 +60,10 @@ def time_sam_sd(seg: Segmenter, samples: list[Sample]) -> dict[str, float]:
     """Median seconds per stage of the seed's "SAM+SD": CLIPer's SD refinement of the coarse maps
     (VAE encode, UNet pass, propagation), then the optimized SAM refinement of its output."""
     per_stage: dict[str, list[float]] = {stage: [] for stage in SD_STAGES}
-    seg_opt = dataclasses.replace(seg.config.refine, impl="optimized")
     for image, _coarse_labels, probs in samples:
         timer = StageTimer(seg.device)
         refined_labels, refined = seg.refine_sd(image, probs.to(seg.device), timer)
-        saved = seg.config.refine
-        seg.config.refine = seg_opt
-        try:
-            seg.refine(image, refined_labels, refined, timer)
-        finally:
-            seg.config.refine = saved
+        seg.refine(image, refined_labels, refined, timer, impl="optimized")
         for stage in SD_STAGES:
             per_stage[stage].append(timer.times.get(stage, 0.0))
     return {stage: statistics.median(values) for stage, values in per_stage.items()}

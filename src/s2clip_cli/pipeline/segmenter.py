@@ -386,8 +386,9 @@ class Segmenter:
         return predictor
 
     def refine(self, image: np.ndarray, labels: Tensor, probs: Tensor, timer: StageTimer | None = None,
-               coarse_thresh: float | None = None) -> tuple[Tensor, Tensor]:
-        """SAM post-processing (DESIGN step 6) with the configured implementation and ablations.
+               coarse_thresh: float | None = None, impl: str | None = None) -> tuple[Tensor, Tensor]:
+        """SAM post-processing (DESIGN step 6) with the configured implementation and ablations
+        (`coarse_thresh` and `impl` given: they replace the configured ones for this call).
 
         The image encoder runs under the run's precision; prompt decoding and every threshold in
         float32."""
@@ -397,6 +398,8 @@ class Segmenter:
         rc = self.config.refine
         if coarse_thresh is not None:
             rc = replace(rc, coarse_thresh=coarse_thresh)
+        if impl is not None:
+            rc = replace(rc, impl=impl)
         predictor = self.encode_for_sam(image, timer)
         with timer("sam_refine"), torch.no_grad(), full_precision(self.device):
             result = sam_refine(
