@@ -27,10 +27,9 @@ from rich.table import Table
 from segment_anything import SamPredictor
 
 from s2clip_cli.models.sam import build_sam
-from s2clip_cli.refine.benchmark import benchmark_refinement, synthetic_refine_inputs
+from s2clip_cli.refine.benchmark import benchmark_refinement, report_table, synthetic_refine_inputs
 from s2clip_cli.refine.sam_refine import sam_refine
 
-ROWS = ("set_image", "downsample", "components", "prompts", "decode", "mapping", "refine_total")
 COLUMNS = ("original", "optimized/sam", "optimized/fast")
 
 
@@ -64,15 +63,8 @@ def run_setting(samples, sam, repeats: int, iou_thresh: float) -> dict[str, Any]
 
 
 def table(name: str, result: dict[str, Any]) -> Table:
-    med = result["median"]
-    t = Table(title=f"{name}: median seconds per image ({result['samples']} images, {result['device']})")
-    t.add_column("stage")
-    for column in COLUMNS:
-        t.add_column(column, justify="right")
-    for stage in ROWS:
-        t.add_row(stage, *(f"{med[c][stage]:.3f}" for c in COLUMNS))
-    t.add_row("prompts passed", *(f"{med[c]['passed']:.0f}" for c in COLUMNS))
-    t.add_row("peak memory (MiB)", *(f"{med[c]['peak_bytes'] / 2**20:.0f}" for c in COLUMNS))
+    """`report_table`'s stages per column, plus the speed-ups over the original."""
+    t = report_table(name, result)
     for stage in ("components", "decode", "refine_total"):
         t.add_row(f"speed-up {stage}", "1.00", *(f"{result['speedup'][c][stage]:.2f}" for c in COLUMNS[1:]))
     return t
