@@ -72,3 +72,16 @@ def test_bench_sam_prints_the_four_rows(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert set(report["pipeline_seconds_per_image"]) == {"no_sam", "original", "optimized", "sam_sd"}
     assert set(report["refinement"]["sam_sd"]) == {"vae_encode", "unet", "propagate", "sam_encoder", "sam_refine"}
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_segment_sd_then_sam_under_low_precision(photo: Path, tmp_path: Path, precision: str) -> None:
+    """What CUDA users run: the SD pass and SAM+SD under autocast (here CPU autocast)."""
+    result = runner.invoke(app, ["segment", str(photo), "--classes", "cat,dog", "--sd", "--precision", precision,
+                                 "-o", str(tmp_path), *TINY])
+    assert result.exit_code == 0, result.stderr
+    record = json.loads((tmp_path / "photo.json").read_text())
+    assert record["config"]["precision"] == precision
+    assert {"vae_encode", "unet", "propagate", "sam_refine"} <= set(record["timings_s"])
+    mask = np.asarray(Image.open(tmp_path / "photo_mask.png"))
+    assert mask.shape == (96, 128) and mask.max() <= 2
