@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from s2clip_cli.cli import app
+from s2clip_cli.cli.common import CONFIG_MAX_BYTES
 from s2clip_cli.data.synthetic import write_synthetic_dataset
 
 runner = CliRunner()
@@ -70,3 +72,88 @@ def test_bad_config_files_are_one_line(photo: Path, tmp_path: Path) -> None:
         result = runner.invoke(app, ["segment", str(photo), "--classes", "cat", "--config", str(path)])
         assert result.exit_code == 2 and message in result.stderr, result.stderr
         assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(("name", "content", "expected"), [
+    ("list.json", "[1, 2]", "holds a list; expected a table"),
+    ("string.json", '"classes"', "holds a string; expected a table"),
+    ("block.json", '{"config": [1]}', "its `config` block is a list"),
+    ("latin1.toml", b"classes = \"caf\xe9\"\n", "is not UTF-8 text"),
+    ("deep.json", "[" * 50000 + "]" * 50000, "nested too deeply"),
+    ("nested.toml", "[classes]\nname = \"cat\"\n", "classes is a table"),
+    ("garbage.toml", "[[layers]]\nx = [[[1]]]\n", "layers is a list"),
+    ("int_as_text.toml", 'short_side = "96"\n', "short_side is a string (\"96\"); expected an integer"),
+    ("float_for_int.toml", "short_side = 96.5\n", "expected an integer"),
+    ("bool_as_text.toml", 'no_sam = "yes"\n', "no_sam is a string"),
+    ("int_for_bool.toml", "no_sam = 1\n", "no_sam is an integer (1); expected true or false"),
+    ("bool_for_float.toml", "threshold = true\n", "threshold is a boolean"),
+    ("nan.toml", "threshold = nan\n", "threshold is a number"),
+    ("range.toml", "window_batch = 0\n", "expected an integer (>= 1)"),
+    ("choice.toml", 'combine = "median"\n', "expected one of mean, entropy"),
+    ("list_for_choice.toml", 'clip = ["ViT-B/16"]\n', "clip is a list"),
+    ("comma_in_class.toml", 'classes = ["cat,dog"]\n', "no ',' inside a name"),
+    ("bad_synonyms.toml", 'classes = [["dog", 3]]\n', "classes is a list"),
+    ("float_layers.toml", "layers = [6.5, 8]\n", "expected a list of integers"),
+    ("text_layers.toml", 'layers = ["6", "8"]\n', "expected a list of integers"),
+    ("list_for_path.toml", "output = [\"a\", \"b\"]\n", "output is a list"),
+    ("table_for_inputs.toml", "images = {a = 1}\n", "images is a table"),
+    ("twice.toml", "no-sam = true\nno_sam = false\n", "sets no_sam twice"),
+    ("date.toml", "seed = 1979-05-27\n", "seed is a date"),
+])
+def test_config_values_are_checked_against_their_option(photo: Path, tmp_path: Path, name: str,
+                                                        content: str | bytes, expected: str) -> None:
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    result = runner.invoke(app, ["segment", str(photo), "--classes", "cat", "--config", str(path)])
+    assert result.exit_code == 2
+    line = _one_error_line(result.stderr)
+    assert str(path) in line and expected in line, line
+
+
+def test_config_that_is_not_a_regular_file_is_refused_without_reading(photo: Path, tmp_path: Path) -> None:
+    fifo = tmp_path / "run.toml"
+    os.mkfifo(fifo)  # reading it would block forever
+    for path, expected in ((fifo, "is not a regular file"), (tmp_path, "is not a regular file"),
+                           (Path("/dev/zero"), "is not a regular file")):
+        result = runner.invoke(app, ["segment", str(photo), "--classes", "cat", "--config", str(path)])
+        assert result.exit_code == 2 and expected in _one_error_line(result.stderr)
+
+
+def test_oversized_config_is_refused(photo: Path, tmp_path: Path) -> None:
+    big = tmp_path / "big.toml"
+    with open(big, "wb") as fh:
+        fh.truncate(CONFIG_MAX_BYTES + 1)  # sparse: no real disk used
+    result = runner.invoke(app, ["segment", str(photo), "--classes", "cat", "--config", str(big)])
+    assert result.exit_code == 2 and "a config file is at most" in _one_error_line(result.stderr)
+
+
+def test_lists_are_accepted_where_the_option_takes_one(photo: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('classes = ["cat", ["dog", "puppy"], "bird; fowl"]\nmodels = "tiny"\ndevice = "cpu"\n'
+                   'no_sam = true\nshort_side = 64\nlayers = [0, 1]\nbackground = ["sky", "wall"]\n')
+    out_dir = tmp_path / "out"
+    result = runner.invoke(app, ["segment", str(photo), "--config", str(cfg), "-o", str(out_dir)])
+    assert result.exit_code == 0, result.stderr
+    record = json.loads((out_dir / "photo.json").read_text())
+    assert record["config"]["classes"] == "cat,dog; puppy,bird; fowl"
+    assert record["config"]["background"] == "sky; wall"
+    assert record["run"]["layers"] == [0, 1]
+    assert list(record["classes"]) == ["background", "cat", "dog", "bird"]
+
+
+def test_eval_config_takes_a_dataset_list(tmp_path: Path) -> None:
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('dataset = ["voc21", "nope"]\n')
+    result = runner.invoke(app, ["eval", "--config", str(cfg)])
+    assert result.exit_code == 2
+    assert "unknown dataset 'nope'" in _one_error_line(result.stderr)

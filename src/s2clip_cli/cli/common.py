@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import os
+import stat
 import tomllib
+import typing
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -131,42 +134,197 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the SD noise (resu
 
 
 # ------------------------------------------------------------------------------------- --config
-def read_config_file(path: Path) -> dict[str, Any]:
-    """Option values from a TOML file, or from the `config` block of a results JSON s2clip wrote."""
+CONFIG_MAX_BYTES = 4 << 20  # a config (or a results JSON) is small; anything bigger is not one
+
+# String options that are lists on the command line, and how a config file's list joins into that
+# string: (separator, what one item is). `classes` items may also be lists of synonyms.
+LIST_OPTIONS: dict[str, tuple[str, str]] = {
+    "classes": (",", "name"), "background": ("; ", "name"), "layers": (",", "int"), "dataset": (",", "name"),
+    "sources": (",", "name"), "strategies": (",", "name"), "vfm": (",", "name"), "point": (",", "int"),
+}
+
+
+def _read_config_text(path: Path) -> str:
+    """The file's text: a regular file (no FIFO, device or folder) of at most `CONFIG_MAX_BYTES`."""
     try:
-        text = path.read_text(encoding="utf-8")
+        st = path.stat()
     except OSError as exc:
         raise S2ClipError(f"cannot read config {path}: {one_line(exc.strerror or exc)}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise S2ClipError(f"config {path} is not a regular file")
+    if st.st_size > CONFIG_MAX_BYTES:
+        raise S2ClipError(f"config {path} is {st.st_size} bytes; a config file is at most {CONFIG_MAX_BYTES} bytes")
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise S2ClipError(f"config {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: "
-                          f"{one_line(exc)}") from None
-    if isinstance(data.get("config"), dict):
+        with open(path, "rb") as fh:
+            data = fh.read(CONFIG_MAX_BYTES + 1)
+    except OSError as exc:
+        raise S2ClipError(f"cannot read config {path}: {one_line(exc.strerror or exc)}") from None
+    if len(data) > CONFIG_MAX_BYTES:
+        raise S2ClipError(f"config {path} is larger than {CONFIG_MAX_BYTES} bytes")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise S2ClipError(f"config {path} is not UTF-8 text (byte {exc.start})") from None
+
+
+def _kind(obj: Any) -> str:
+    """A config value's type in the words of TOML/JSON."""
+    if obj is None:
+        return "null"
+    if isinstance(obj, bool):
+        return "a boolean"
+    if isinstance(obj, int):
+        return "an integer"
+    if isinstance(obj, float):
+        return "a number"
+    if isinstance(obj, str):
+        return "a string"
+    if isinstance(obj, list):
+        return "a list"
+    if isinstance(obj, dict):
+        return "a table"
+    return f"a {type(obj).__name__}"
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Option values (not yet checked against a command) from a TOML file, or from the `config`
+    block of a results JSON s2clip wrote. `S2ClipError` (one line naming the file) when the file is
+    unreadable, not a regular file, too big, not UTF-8, not valid TOML/JSON or not a table of values."""
+    text = _read_config_text(path)
+    is_json = path.suffix.lower() == ".json"
+    try:
+        data = json.loads(text) if is_json else tomllib.loads(text)
+    except (ValueError, RecursionError) as exc:  # (tomllib.TOMLDecodeError is a ValueError)
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else one_line(exc)
+        raise S2ClipError(f"config {path} is not valid {'JSON' if is_json else 'TOML'}: {reason}") from None
+    if not isinstance(data, dict):
+        raise S2ClipError(f"config {path} holds {_kind(data)}; expected a table of option values "
+                          "(key = value lines, or a JSON object)")
+    if "config" in data:  # a results file: its `config` block holds the options
         data = data["config"]
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+        if not isinstance(data, dict):
+            raise S2ClipError(f"config {path}: its `config` block is {_kind(data)}; expected a table of option values")
+    values: dict[str, Any] = {}
+    for key, item in data.items():
+        name = str(key).replace("-", "_")
+        if name in values:
+            raise S2ClipError(f"config {path} sets {name} twice (as {name!r} and {name.replace('_', '-')!r})")
+        values[name] = item
+    return values
+
+
+def _join_list(name: str, items: list[Any]) -> str:
+    """A config list for a list-valued string option, as the command line spells it; `ValueError`
+    saying what was expected."""
+    sep, item_kind = LIST_OPTIONS[name]
+    mark = sep.strip()
+    if item_kind == "int":
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+            raise ValueError("a list of integers")
+        return sep.join(str(v) for v in items)
+    parts = []
+    for v in items:
+        if name == "classes" and isinstance(v, list):  # one class as a list of synonyms
+            if not v or not all(isinstance(s, str) and s.strip() and "," not in s and ";" not in s for s in v):
+                raise ValueError("a list of class names, each a name or a list of synonyms (no ',' or ';' inside "
+                                 "a name)")
+            parts.append("; ".join(v))
+            continue
+        if not isinstance(v, str) or mark in v:
+            raise ValueError(f"a list of names (strings without '{mark}' inside)" if name != "classes" else
+                             "a list of class names, each a name or a list of synonyms (no ',' inside a name)")
+        parts.append(v)
+    return sep.join(parts)
+
+
+def _expected(param: Any) -> str:
+    """What a parameter takes, in words."""
+    annotation = param.type_descriptor.annotation
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return "one of " + ", ".join(str(m.value) for m in annotation)
+    if typing.get_origin(annotation) is list:
+        return "a list of paths"
+    words = {bool: "true or false", int: "an integer", float: "a number", Path: "a path (string)"}
+    text = words.get(annotation, "a string")
+    if param.name in LIST_OPTIONS and annotation is str:
+        text += " or a list"
+    bounds = [f">= {param.min}" if param.min is not None else "", f"<= {param.max}" if param.max is not None else ""]
+    return text + (f" ({' and '.join(b for b in bounds if b)})" if any(bounds) else "")
+
+
+def check_config_value(param: Any, obj: Any) -> Any:
+    """`obj` from a config file as the value of `param` (what the command line would give it), or
+    `ValueError` when its type does not fit. None (JSON null) means the option's default."""
+    if obj is None:
+        return None
+    annotation = param.type_descriptor.annotation
+    if typing.get_origin(annotation) is list:  # a variadic argument (input paths)
+        items = [obj] if isinstance(obj, str) else obj
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise ValueError
+        return items
+    if annotation is bool:
+        if not isinstance(obj, bool):
+            raise ValueError
+        return obj
+    if annotation in (int, float):
+        if isinstance(obj, bool) or not isinstance(obj, int if annotation is int else int | float):
+            raise ValueError
+        if isinstance(obj, float) and not math.isfinite(obj):
+            raise ValueError
+        if (param.min is not None and obj < param.min) or (param.max is not None and obj > param.max):
+            raise ValueError
+        return obj
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        if not isinstance(obj, str) or obj not in {m.value for m in annotation}:
+            raise ValueError
+        return obj
+    if annotation is str and param.name in LIST_OPTIONS:
+        if isinstance(obj, list):
+            return _join_list(param.name, obj)
+        if LIST_OPTIONS[param.name][1] == "int" and isinstance(obj, int) and not isinstance(obj, bool):
+            return str(obj)
+    if not isinstance(obj, str):
+        raise ValueError
+    return obj
+
+
+def config_defaults(path: Path, values: dict[str, Any], params: list[Any], command: str) -> dict[str, Any]:
+    """The file's values checked against the command's parameters: `S2ClipError` naming the file and
+    the first unknown key, or the key whose value does not fit and what it takes."""
+    by_name = {p.name: p for p in params if p.name != "config"}
+    unknown = sorted(set(values) - set(by_name))
+    if unknown:
+        raise S2ClipError(f"config {path} sets {', '.join(unknown)}, which `{command}` does not take")
+    checked = {}
+    for name, obj in values.items():
+        param = by_name[name]
+        try:
+            checked[name] = check_config_value(param, obj)
+        except ValueError as exc:
+            expected = str(exc) or _expected(param)
+            shown = one_line(json.dumps(obj, default=str))
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise S2ClipError(f"config {path}: {name} is {_kind(obj)} ({shown}); expected {expected}") from None
+    return {name: v for name, v in checked.items() if v is not None}
 
 
 def _load_config(ctx: typer.Context, param: Any, path: Path | None) -> Path | None:
-    """Eager callback: the file's values become the defaults of this command's options."""
+    """Eager callback: the file's values, checked, become the defaults of this command's options."""
     if path is None or ctx.resilient_parsing:
         return path
     try:
-        values = read_config_file(path)
+        values = config_defaults(path, read_config_file(path), list(ctx.command.params), str(ctx.info_name))
     except S2ClipError as exc:
         raise typer.BadParameter(str(exc), param_hint="'--config'") from None
-    known = {p.name for p in ctx.command.params if p.name != "config"}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise typer.BadParameter(f"{path} sets {', '.join(unknown)}, which `{ctx.info_name}` does not take",
-                                 param_hint="'--config'")
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return path
 
 
 ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", help="TOML file of option values (or a results JSON: its `config` block); options on the "
-    "command line win.", callback=_load_config, is_eager=True)]
+    "command line win. Lists are accepted where the option takes one (classes = [\"cat\", [\"dog\", "
+    "\"puppy\"]], layers = [6, 8, 10]).", callback=_load_config, is_eager=True)]
 
 
 def config_record(ctx: typer.Context) -> dict[str, Any]:
