@@ -1,0 +1,148 @@
+"""Export formats for label maps, shared by `segment` and `serve`.
+
+``parse_formats`` reads a ``--format`` list; an ``ExportSession`` writes the chosen formats for the
+images of one run: per-image files as each image is done (``write_image``), run-level files at the
+end (``finish``). "png" (the palette mask, overlay and JSON that `segment` writes itself) is a
+format name here but the session writes nothing for it.
+
+================  ======================================================  ==========
+format            files (in the output folder)                            written
+================  ======================================================  ==========
+coco              ``coco.json``: one annotation per 8-connected region,   per run
+                  compressed RLE (pycocotools)
+polygons          ``<stem>_polygons.json``: contours with holes           per image
+masks             ``<stem>_masks/<index>_<class>.png`` + ``index.json``   per image
+yolo              ``yolo/labels/<stem>.txt`` + ``yolo/data.yaml``          per image + run
+labelstudio       ``labelstudio.json`` (brush predictions) +              per run
+                  ``labelstudio_config.xml``
+cvat              ``cvat.xml`` (CVAT for images 1.1, ``<mask>`` per region) per run
+================  ======================================================  ==========
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ...errors import S2ClipError
+from ._common import ClassTable, ExportImage, check_labels, check_stem
+
+FORMATS: tuple[str, ...] = ("png", "coco", "polygons", "masks", "yolo", "labelstudio", "cvat")
+
+__all__ = ["FORMATS", "ExportSession", "parse_formats"]
+
+
+def parse_formats(text: str) -> list[str]:
+    """The formats of a comma-separated list (``"png,coco"``), in the order given; `S2ClipError`
+    for an empty list or item, an unknown name (the message lists the valid ones) or a repeat."""
+    valid = ", ".join(FORMATS)
+    items = [item.strip().lower() for item in text.split(",")]
+    if not text.strip():
+        raise S2ClipError(f"--format is empty: give one or more of {valid}")
+    formats: list[str] = []
+    for item in items:
+        if not item:
+            raise S2ClipError(f"--format {text!r} has an empty entry: give names from {valid}, separated by commas")
+        if item not in FORMATS:
+            raise S2ClipError(f"unknown export format {item!r}: choose from {valid}")
+        if item in formats:
+            raise S2ClipError(f"--format names {item!r} twice")
+        formats.append(item)
+    return formats
+
+
+class _Writer(Protocol):
+    name: str
+
+    def image_outputs(self, stem: str) -> dict[str, Path]: ...
+    def write_image(self, image: ExportImage, labels: np.ndarray) -> dict[str, Path]: ...
+    def remember(self, image: ExportImage, labels: np.ndarray) -> None: ...
+    def finish(self) -> dict[str, Path]: ...
+
+
+def _writer(name: str, out_dir: Path, classes: ClassTable, tolerance: float) -> _Writer:
+    """The writer of one format (its module imported only when chosen)."""
+    if name == "coco":
+        from .coco import CocoWriter
+        return CocoWriter(out_dir, classes)
+    if name == "polygons":
+        from .polygons import PolygonsWriter
+        return PolygonsWriter(out_dir, classes, tolerance)
+    if name == "masks":
+        from .masks import MasksWriter
+        return MasksWriter(out_dir, classes)
+    if name == "yolo":
+        from .yolo import YoloWriter
+        return YoloWriter(out_dir, classes, tolerance)
+    if name == "labelstudio":
+        from .labelstudio import LabelStudioWriter
+        return LabelStudioWriter(out_dir, classes)
+    if name == "cvat":
+        from .cvat import CvatWriter
+        return CvatWriter(out_dir, classes)
+    raise ValueError(f"no writer for format {name!r}")
+
+
+class ExportSession:
+    """The export formats of one run into ``out_dir``.
+
+    ``class_names``: the label values' names (index 0 is the background when ``has_background``;
+    the background is never exported as an object). ``polygon_tolerance``: the largest distance in
+    pixels (``cv2.approxPolyDP``) between a simplified polygon and the exact boundary (0: exact),
+    for polygons and yolo. Call ``write_image`` for each image segmented, ``add_existing`` for each
+    image skipped because its outputs exist (so run-level files still cover it), then ``finish``.
+    """
+
+    def __init__(self, out_dir: Path, formats: Sequence[str], class_names: list[str], has_background: bool,
+                 *, polygon_tolerance: float = 1.0) -> None:
+        unknown = [f for f in formats if f not in FORMATS]
+        if unknown:
+            raise S2ClipError(f"unknown export format {unknown[0]!r}: choose from {', '.join(FORMATS)}")
+        if not class_names:
+            raise S2ClipError("cannot export labels without class names")
+        if not polygon_tolerance >= 0:  # also rejects NaN
+            raise S2ClipError(f"--polygon-tolerance must be >= 0 pixels, got {polygon_tolerance}")
+        self.out_dir = Path(out_dir)
+        self.formats = list(dict.fromkeys(formats))
+        self.classes = ClassTable(tuple(class_names), has_background)
+        self._writers = [_writer(name, self.out_dir, self.classes, float(polygon_tolerance))
+                         for name in self.formats if name != "png"]
+
+    def image_outputs(self, stem: str) -> dict[str, Path]:
+        """The per-image files the chosen formats write for ``stem`` (their presence means done)."""
+        check_stem(stem)
+        outputs: dict[str, Path] = {}
+        for writer in self._writers:
+            outputs.update(writer.image_outputs(stem))
+        return outputs
+
+    def _image(self, image_path: Path, stem: str, labels: np.ndarray) -> tuple[ExportImage, np.ndarray]:
+        labels = check_labels(np.asarray(labels), len(self.classes.names), check_stem(stem))
+        height, width = labels.shape
+        return ExportImage(Path(image_path), stem, width, height), labels
+
+    def write_image(self, image_path: Path, stem: str, labels: np.ndarray) -> dict[str, Path]:
+        """Write the per-image files of ``labels`` ([H, W] class indices) and keep the image for the
+        run-level files; returns the files written, by format."""
+        image, labels = self._image(image_path, stem, labels)
+        written: dict[str, Path] = {}
+        for writer in self._writers:
+            written.update(writer.write_image(image, labels))
+            writer.remember(image, labels)
+        return written
+
+    def add_existing(self, image_path: Path, stem: str, labels: np.ndarray) -> None:
+        """Keep an image skipped in this run (labels read back from its mask) for the run-level files."""
+        image, labels = self._image(image_path, stem, labels)
+        for writer in self._writers:
+            writer.remember(image, labels)
+
+    def finish(self) -> dict[str, Path]:
+        """Write the run-level files (each atomically) and return them, by name."""
+        written: dict[str, Path] = {}
+        for writer in self._writers:
+            written.update(writer.finish())
+        return written

@@ -1,0 +1,91 @@
+"""Label Studio tasks with predictions: one brush mask per class present, encoded with Label Studio's
+own brush RLE (``label_studio_converter.brush.mask2rle``), and the labeling config that names the
+classes. Import ``labelstudio.json`` into a project set up with ``labelstudio_config.xml``."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...errors import S2ClipError
+from ..files import atomic_write_text, write_json
+from ._common import ClassTable, ExportImage, check_xml_names
+
+TASKS_FILE = "labelstudio.json"
+CONFIG_FILE = "labelstudio_config.xml"
+FROM_NAME = "label"
+TO_NAME = "image"
+MODEL_VERSION = "s2clip"
+
+
+def brush_encoder() -> Callable[[np.ndarray], list[int]]:
+    """``label_studio_converter.brush.mask2rle`` (a uint8 0/255 mask -> Label Studio RLE)."""
+    try:
+        from label_studio_converter.brush import mask2rle
+    except ImportError as exc:
+        raise S2ClipError("the labelstudio format needs the label-studio-converter package: "
+                          "pip install 's2clip[labelstudio]'") from exc
+    return mask2rle
+
+
+def brush_results(labels: np.ndarray, classes: ClassTable, encode: Callable[[np.ndarray], list[int]],
+                  prefix: str = "") -> list[dict[str, Any]]:
+    """One ``brushlabels`` result per class present in ``labels``."""
+    height, width = labels.shape
+    results = []
+    for class_id in classes.present(labels):
+        mask = np.where(labels == class_id, np.uint8(255), np.uint8(0))
+        results.append({
+            "id": f"{prefix}c{class_id}",
+            "from_name": FROM_NAME, "to_name": TO_NAME, "type": "brushlabels",
+            "original_width": width, "original_height": height, "image_rotation": 0,
+            "value": {"format": "rle", "rle": [int(v) for v in encode(mask)],
+                      "brushlabels": [classes.names[class_id]]},
+        })
+    return results
+
+
+def labeling_config(classes: ClassTable) -> str:
+    """The ``<View>`` config with an image and a ``BrushLabels`` control listing the object classes."""
+    view = ET.Element("View")
+    ET.SubElement(view, "Image", name=TO_NAME, value=f"${TO_NAME}", zoom="true")
+    brush = ET.SubElement(view, "BrushLabels", name=FROM_NAME, toName=TO_NAME)
+    for class_id in classes.object_ids():
+        ET.SubElement(brush, "Label", value=classes.names[class_id])
+    ET.indent(view)
+    return ET.tostring(view, encoding="unicode") + "\n"
+
+
+class LabelStudioWriter:
+    """Collects each image's brush results; ``finish`` writes the tasks and the config."""
+
+    name = "labelstudio"
+
+    def __init__(self, out_dir: Path, classes: ClassTable) -> None:
+        check_xml_names(classes)
+        self.out_dir = out_dir
+        self.classes = classes
+        self.encode = brush_encoder()
+        self._tasks: dict[str, dict[str, Any]] = {}
+
+    def image_outputs(self, stem: str) -> dict[str, Path]:
+        return {}
+
+    def write_image(self, image: ExportImage, labels: np.ndarray) -> dict[str, Path]:
+        return {}
+
+    def remember(self, image: ExportImage, labels: np.ndarray) -> None:
+        results = brush_results(labels, self.classes, self.encode, prefix=f"i{len(self._tasks)}")
+        self._tasks[image.stem] = {
+            "data": {TO_NAME: str(image.path)},
+            "predictions": [{"model_version": MODEL_VERSION, "result": results}],
+        }
+
+    def finish(self) -> dict[str, Path]:
+        tasks = write_json(self.out_dir / TASKS_FILE, list(self._tasks.values()))
+        config = atomic_write_text(self.out_dir / CONFIG_FILE, labeling_config(self.classes))
+        return {self.name: tasks, "labelstudio_config": config}
