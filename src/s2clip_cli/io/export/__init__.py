@@ -28,6 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from ...errors import S2ClipError
+from ..files import prepare_output_dir
 from ._common import ClassTable, ExportImage, check_labels, check_stem
 
 FORMATS: tuple[str, ...] = ("png", "coco", "polygons", "masks", "yolo", "labelstudio", "cvat")
@@ -128,6 +129,8 @@ class ExportSession:
         """Write the per-image files of ``labels`` ([H, W] class indices) and keep the image for the
         run-level files; returns the files written, by format."""
         image, labels = self._image(image_path, stem, labels)
+        if self._writers:
+            prepare_output_dir(self.out_dir)
         written: dict[str, Path] = {}
         for writer in self._writers:
             written.update(writer.write_image(image, labels))
@@ -142,6 +145,8 @@ class ExportSession:
 
     def finish(self) -> dict[str, Path]:
         """Write the run-level files (each atomically) and return them, by name."""
+        if self._writers:
+            prepare_output_dir(self.out_dir)
         written: dict[str, Path] = {}
         for writer in self._writers:
             written.update(writer.finish())

@@ -1,0 +1,441 @@
+"""Export formats (io.export): each format read back with its own tools gives the labels again
+(exactly where the format is lossless), the files have the structure their tools expect, and
+hostile class names, empty and 16-bit label maps are handled."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from skimage.measure import label as skimage_label
+from skimage.measure import regionprops
+
+from s2clip_cli.errors import S2ClipError
+from s2clip_cli.io.export import FORMATS, ExportSession, parse_formats
+from s2clip_cli.io.export._common import class_file_names
+from s2clip_cli.io.export.coco import annotations_from_labels, encode_rle
+from s2clip_cli.io.export.cvat import cvat_rle
+from s2clip_cli.io.export.polygons import rasterize, read_polygons
+
+CLASSES = ["background", "cat", "dog", "wire"]
+ALL = [f for f in FORMATS if f != "png"]
+
+
+def _scene() -> np.ndarray:
+    """A 64 x 80 map with the hard cases: a ring (a hole) with an island of its own class inside
+    the hole, two squares touching at a corner (one 8-connected region), a one-pixel region, a
+    one-pixel-wide line and a ragged blob."""
+    labels = np.zeros((64, 80), np.uint8)
+    labels[5:35, 5:35] = 1
+    labels[12:28, 12:28] = 0
+    labels[17:22, 17:22] = 1
+    labels[40:45, 40:45] = 2
+    labels[45:50, 45:50] = 2
+    labels[60, 70] = 3
+    labels[55, 50:76] = 3
+    noise = cv2.GaussianBlur(np.random.default_rng(1).random((24, 30)).astype(np.float32), (0, 0), 2)
+    labels[40:64, 0:30][noise > 0.5] = 2
+    return labels
+
+
+def _smooth_labels(h: int, w: int, classes: int, seed: int) -> np.ndarray:
+    """Random blobby labels in 0..classes-1 (argmax of blurred noise)."""
+    noise = np.random.default_rng(seed).random((classes, h, w)).astype(np.float32)
+    blurred = np.stack([cv2.GaussianBlur(n, (0, 0), 3) for n in noise])
+    return blurred.argmax(0).astype(np.uint16 if classes > 255 else np.uint8)
+
+
+def _export(tmp_path: Path, images: dict[str, np.ndarray], formats: list[str] = ALL,
+            classes: list[str] = CLASSES, has_background: bool = True, **kwargs) -> dict[str, Path]:
+    session = ExportSession(tmp_path, formats, classes, has_background, **kwargs)
+    for stem, labels in images.items():
+        written = session.write_image(Path("photos") / f"{stem}.jpg", stem, labels)
+        assert written == session.image_outputs(stem)
+        assert all(path.is_file() for path in written.values())
+    return session.finish()
+
+
+def _coco_labels(coco: COCO, image_id: int) -> np.ndarray:
+    info = coco.loadImgs([image_id])[0]
+    out = np.zeros((info["height"], info["width"]), np.intp)
+    for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id])):
+        mask = coco.annToMask(ann).astype(bool)
+        assert not out[mask].any(), "regions overlap"
+        out[mask] = ann["category_id"]
+    return out
+
+
+# --------------------------------------------------------------------------- --format parsing
+
+
+def test_parse_formats_accepts_lists_in_order() -> None:
+    assert parse_formats("png") == ["png"]
+    assert parse_formats(" COCO , png,cvat ") == ["coco", "png", "cvat"]
+    assert parse_formats(",".join(FORMATS)) == list(FORMATS)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "--format is empty"), ("  ", "--format is empty"), ("png,,coco", "empty entry"),
+    ("png,coco,png", "names 'png' twice"), ("coco,json", "unknown export format 'json'"),
+])
+def test_parse_formats_rejects_bad_lists_in_one_line(text: str, message: str) -> None:
+    with pytest.raises(S2ClipError, match=message) as info:
+        parse_formats(text)
+    assert "\n" not in str(info.value)
+    if "unknown" in message or "empty" in message:
+        assert ", ".join(FORMATS) in str(info.value)
+
+
+def test_png_alone_writes_nothing(tmp_path: Path) -> None:
+    session = ExportSession(tmp_path, ["png"], CLASSES, True)
+    assert session.image_outputs("a") == {}
+    assert session.write_image(Path("a.jpg"), "a", _scene()) == {}
+    assert session.finish() == {}
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- COCO
+
+
+def test_coco_loads_with_pycocotools_and_gives_the_labels_back(tmp_path: Path) -> None:
+    scene, other = _scene(), _smooth_labels(40, 50, len(CLASSES), seed=2)
+    written = _export(tmp_path, {"scene": scene, "other": other}, ["coco"])
+    coco = COCO(str(written["coco"]))
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == CLASSES[1:]
+    assert coco.getCatIds() == [1, 2, 3]  # category_id = the label value; no background category
+    images = coco.loadImgs(coco.getImgIds())
+    assert [(i["file_name"], i["width"], i["height"]) for i in images] == [
+        (str(Path("photos/scene.jpg")), 80, 64), (str(Path("photos/other.jpg")), 50, 40)]
+    for image, labels in zip(images, (scene, other), strict=True):
+        np.testing.assert_array_equal(_coco_labels(coco, image["id"]), labels)
+    ids = [a["id"] for a in coco.dataset["annotations"]]
+    assert ids == list(range(1, len(ids) + 1))
+
+
+def test_coco_has_one_annotation_per_8_connected_region_with_its_box_and_area(tmp_path: Path) -> None:
+    scene = _scene()
+    coco = COCO(str(_export(tmp_path, {"scene": scene}, ["coco"])["coco"]))
+    anns = coco.loadAnns(coco.getAnnIds())
+    expected = []  # skimage's own 8-connected labelling as the reference
+    for class_id in (1, 2, 3):
+        for region in regionprops(skimage_label(scene == class_id, connectivity=2)):
+            top, left, bottom, right = region.bbox
+            expected.append((class_id, [left, top, right - left, bottom - top], int(region.area)))
+    got = [(a["category_id"], a["bbox"], a["area"]) for a in anns]
+    assert sorted(got) == sorted(expected)
+    assert len([a for a in anns if a["category_id"] == 1]) == 2  # the ring and the island in its hole
+    assert (2, [40.0, 40.0, 10.0, 10.0], 50) in got  # the squares touching at a corner are one region
+    assert all(a["iscrowd"] == 0 and isinstance(a["segmentation"]["counts"], str) for a in anns)
+
+
+def test_encode_rle_is_pycocotools_rle_as_json() -> None:
+    mask = _scene() == 1
+    rle = encode_rle(mask)
+    assert rle["size"] == [64, 80] and isinstance(rle["counts"], str)
+    again = json.loads(json.dumps(rle))
+    np.testing.assert_array_equal(mask_utils.decode({"size": again["size"], "counts": again["counts"].encode()}),
+                                  mask.astype(np.uint8))
+    assert encode_rle(np.zeros((3, 4), bool))["size"] == [3, 4]
+
+
+def test_annotations_from_labels_for_the_server() -> None:
+    scene = _scene()
+    anns = annotations_from_labels(scene, len(CLASSES), True, image_id=7, first_id=10)
+    assert [a["id"] for a in anns] == list(range(10, 10 + len(anns)))
+    assert {a["image_id"] for a in anns} == {7} and {a["category_id"] for a in anns} == {1, 2, 3}
+    rebuilt = np.zeros_like(scene)
+    for a in anns:
+        decoded = mask_utils.decode({"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"]})
+        rebuilt[decoded.astype(bool)] = a["category_id"]
+        x, y, w, h = a["bbox"]
+        ys, xs = np.nonzero(decoded)
+        assert (x, y, w, h) == (xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
+        assert a["area"] == decoded.sum()
+    np.testing.assert_array_equal(rebuilt, scene)
+    # without a background every class is an object, label 0 included
+    assert {a["category_id"] for a in annotations_from_labels(scene, 4, False)} == {0, 1, 2, 3}
+    with pytest.raises(ValueError):
+        annotations_from_labels(scene, 3, True)
+
+
+# --------------------------------------------------------------------------- polygons
+
+
+def test_polygons_at_tolerance_0_rasterise_back_exactly(tmp_path: Path) -> None:
+    """With tolerance 0 the polygons are OpenCV's exact boundaries; drawing them back (fill each
+    exterior, clear its holes, keep the boundary pixels: ``polygons.rasterize``) gives the labels
+    pixel for pixel."""
+    scene, other = _scene(), _smooth_labels(40, 50, len(CLASSES), seed=3)
+    _export(tmp_path, {"scene": scene, "other": other}, ["polygons"], polygon_tolerance=0)
+    for stem, labels in (("scene", scene), ("other", other)):
+        document = json.loads((tmp_path / f"{stem}_polygons.json").read_text(encoding="utf-8"))
+        assert (document["width"], document["height"]) == (labels.shape[1], labels.shape[0])
+        polygons = read_polygons(document)
+        np.testing.assert_array_equal(rasterize(polygons, *labels.shape), labels)
+    document = json.loads((tmp_path / "scene_polygons.json").read_text(encoding="utf-8"))
+    ring = [o for o in document["objects"] if o["class_id"] == 1 and o["holes"]]
+    assert len(ring) == 1 and len(ring[0]["holes"]) == 1  # the hole is kept
+    assert {o["class_name"] for o in document["objects"]} == {"cat", "dog", "wire"}
+
+
+def test_polygon_tolerance_simplifies_within_the_tolerance(tmp_path: Path) -> None:
+    labels = _smooth_labels(60, 60, 3, seed=4)
+    counts = {}
+    for tolerance in (0.0, 2.0):
+        out = tmp_path / str(tolerance)
+        _export(out, {"a": labels}, ["polygons"], classes=["bg", "a", "b"], polygon_tolerance=tolerance)
+        document = json.loads((out / "a_polygons.json").read_text(encoding="utf-8"))
+        assert document["tolerance_px"] == tolerance
+        counts[tolerance] = sum(len(o["exterior"]) for o in document["objects"])
+        exact = read_polygons(document)
+        drawn = rasterize(exact, 60, 60)
+        if tolerance:  # simplified shapes differ from the labels only near boundaries
+            edges = cv2.dilate((cv2.Laplacian(labels.astype(np.float32), cv2.CV_32F) != 0).astype(np.uint8),
+                               np.ones((2 * int(tolerance) + 3,) * 2, np.uint8))
+            assert not ((drawn != labels) & (edges == 0)).any()
+    assert counts[2.0] < counts[0.0]
+    with pytest.raises(S2ClipError, match="tolerance"):
+        ExportSession(tmp_path, ["polygons"], CLASSES, True, polygon_tolerance=-1)
+
+
+# --------------------------------------------------------------------------- per-class masks
+
+
+def test_class_masks_are_exact_binary_pngs_of_the_classes_present(tmp_path: Path) -> None:
+    labels = _scene()
+    labels[labels == 3] = 0  # "wire" absent: no file for it
+    written = _export(tmp_path, {"scene": labels}, ["masks"])
+    index = json.loads((tmp_path / "scene_masks" / "index.json").read_text(encoding="utf-8"))
+    assert written == {}
+    assert sorted(index["files"]) == ["001_cat.png", "002_dog.png"]
+    assert sorted(p.name for p in (tmp_path / "scene_masks").iterdir()) == ["001_cat.png", "002_dog.png", "index.json"]
+    for name, entry in index["files"].items():
+        png = np.array(Image.open(tmp_path / "scene_masks" / name))
+        assert png.dtype == np.uint8 and set(np.unique(png)) <= {0, 255}
+        np.testing.assert_array_equal(png == 255, labels == entry["class_id"])
+        assert entry["class_name"] == CLASSES[entry["class_id"]] and entry["pixels"] == (png == 255).sum()
+
+
+def test_class_masks_rewritten_drop_classes_no_longer_present(tmp_path: Path) -> None:
+    labels = _scene()
+    _export(tmp_path, {"scene": labels}, ["masks"])
+    (tmp_path / "scene_masks" / "notes.txt").write_text("mine")
+    labels[labels == 2] = 0
+    _export(tmp_path, {"scene": labels}, ["masks"])
+    assert sorted(p.name for p in (tmp_path / "scene_masks").iterdir()) == [
+        "001_cat.png", "003_wire.png", "index.json", "notes.txt"]  # the user's file stays
+
+
+HOSTILE = ["background", "../x", "a/b", "", "猫", "a b", "a_b", "..", "/etc/passwd", "CON", "x" * 300,
+           "a\\b", "tab\there", 'quote"s <&>', "dog", "dog", "🐕 emoji", "new\nline"]
+
+
+def test_hostile_class_names_stay_inside_the_folder_and_distinct(tmp_path: Path) -> None:
+    names = class_file_names(HOSTILE)
+    assert len(set(names)) == len(names) == len(HOSTILE)
+    assert len({n.lower() for n in names}) == len(names)  # distinct on case-insensitive file systems too
+    for name in names:
+        assert Path(name).name == name and not name.startswith(".") and len(name.encode()) < 200
+    assert names[:5] == ["000_background", "001_x", "002_a_b", "003", "004_猫"]
+    labels = np.arange(len(HOSTILE), dtype=np.uint8).repeat(4).reshape(1, -1).repeat(3, 0)
+    written = _export(tmp_path, {"h": labels}, ALL, classes=HOSTILE)
+    assert all(tmp_path in p.parents for p in written.values())
+    folder = tmp_path / "h_masks"
+    index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+    assert [e["class_name"] for e in index["files"].values()] == HOSTILE[1:]
+    assert len(list(folder.iterdir())) == len(HOSTILE)  # 17 masks and the index, nothing elsewhere
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["coco.json", "cvat.xml", "h_masks", "h_polygons.json", "labelstudio.json", "labelstudio_config.xml", "yolo"])
+    # the names come back unchanged from every run-level file
+    coco = COCO(str(written["coco"]))
+    assert [c["name"] for c in coco.dataset["categories"]] == HOSTILE[1:]
+    assert list(yaml.safe_load(written["yolo_data"].read_text(encoding="utf-8"))["names"].values()) == HOSTILE[1:]
+    root = ET.parse(written["cvat"]).getroot()
+    assert [n.text or "" for n in root.iter("name")][1:] == HOSTILE[1:]  # after the task's own name
+    config = ET.parse(written["labelstudio_config"]).getroot()
+    assert [label.get("value") for label in config.iter("Label")] == HOSTILE[1:]
+
+
+def test_names_xml_cannot_carry_are_refused_for_xml_formats(tmp_path: Path) -> None:
+    for fmt in ("cvat", "labelstudio"):
+        with pytest.raises(S2ClipError, match="XML"):
+            ExportSession(tmp_path, [fmt], ["bg", "bell\x07"], True)
+    ExportSession(tmp_path, ["coco", "masks"], ["bg", "bell\x07"], True)  # JSON and file names are fine
+
+
+# --------------------------------------------------------------------------- YOLO
+
+
+def test_yolo_lines_are_normalised_polygons_of_each_region(tmp_path: Path) -> None:
+    scene = _scene()
+    written = _export(tmp_path, {"scene": scene}, ["yolo"], polygon_tolerance=0)
+    data = yaml.safe_load(written["yolo_data"].read_text(encoding="utf-8"))
+    assert data["names"] == {0: "cat", 1: "dog", 2: "wire"}  # background is not a YOLO class
+    assert data["train"] == "images" and Path(data["path"]) == (tmp_path / "yolo").resolve()
+    lines = (tmp_path / "yolo" / "labels" / "scene.txt").read_text().splitlines()
+    drawn = np.zeros_like(scene)
+    for line in lines:
+        cls, *coords = line.split()
+        points = np.array(coords, dtype=np.float64).reshape(-1, 2)
+        assert len(points) >= 3 and points.min() >= 0 and points.max() <= 1
+        pixels = np.rint(points * [scene.shape[1], scene.shape[0]]).astype(np.int32)
+        cv2.fillPoly(drawn, [pixels.reshape(-1, 1, 2)], int(cls) + 1)
+        cv2.polylines(drawn, [pixels.reshape(-1, 1, 2)], True, int(cls) + 1)
+    # one line per region but those whose outline has under 3 vertices (the pixel, the straight wire
+    # and a 2-pixel speck of the blob); YOLO polygons have no holes, so the ring's hole is filled
+    regions = sum(skimage_label(scene == c, connectivity=2).max() for c in (1, 2, 3))
+    assert len(lines) == regions - 3 == 8
+    filled = scene.copy()
+    filled[12:28, 12:28] = 1
+    filled[60, 70] = filled[55, 50:76] = filled[40, 3:5] = 0
+    np.testing.assert_array_equal(drawn, filled)
+
+
+def test_yolo_without_background_numbers_every_class(tmp_path: Path) -> None:
+    labels = _smooth_labels(30, 30, 3, seed=5)
+    written = _export(tmp_path, {"a": labels}, ["yolo"], classes=["sky", "sea", "sand"], has_background=False)
+    assert yaml.safe_load(written["yolo_data"].read_text())["names"] == {0: "sky", 1: "sea", 2: "sand"}
+    ids = {int(line.split()[0]) for line in (tmp_path / "yolo/labels/a.txt").read_text().splitlines()}
+    assert ids == set(np.unique(labels).tolist())
+
+
+# --------------------------------------------------------------------------- Label Studio
+
+
+def test_labelstudio_brush_predictions_decode_to_the_class_masks(tmp_path: Path) -> None:
+    from label_studio_converter.brush import decode_rle
+
+    scene = _scene()
+    written = _export(tmp_path, {"scene": scene}, ["labelstudio"])
+    tasks = json.loads(written["labelstudio"].read_text(encoding="utf-8"))
+    assert len(tasks) == 1 and tasks[0]["data"]["image"] == str(Path("photos/scene.jpg"))
+    results = tasks[0]["predictions"][0]["result"]
+    assert [r["value"]["brushlabels"] for r in results] == [["cat"], ["dog"], ["wire"]]
+    config = ET.parse(written["labelstudio_config"]).getroot()
+    brush = config.find("BrushLabels")
+    image = config.find("Image")
+    for result in results:
+        assert result["type"] == "brushlabels" and result["value"]["format"] == "rle"
+        assert (result["from_name"], result["to_name"]) == (brush.get("name"), image.get("name"))
+        assert (result["original_height"], result["original_width"]) == scene.shape
+        alpha = decode_rle(result["value"]["rle"]).reshape(*scene.shape, 4)[..., 3]
+        class_id = CLASSES.index(result["value"]["brushlabels"][0])
+        np.testing.assert_array_equal(alpha > 0, scene == class_id)
+    assert image.get("value") == "$image"
+
+
+# --------------------------------------------------------------------------- CVAT
+
+
+def _decode_cvat_mask(element: ET.Element, height: int, width: int) -> np.ndarray:
+    """A CVAT ``<mask>`` on the image, decoded as datumaro does (pycocotools on the uncompressed
+    counts with the box's (w, h) as size, then transposed)."""
+    counts = [int(v) for v in element.get("rle").split(",")]
+    w, h = int(element.get("width")), int(element.get("height"))
+    left, top = int(element.get("left")), int(element.get("top"))
+    rle = mask_utils.frPyObjects({"counts": counts, "size": [w, h]}, w, h)
+    box = mask_utils.decode(rle).transpose()
+    canvas = np.zeros((height, width), np.uint8)
+    canvas[top : top + h, left : left + w] = box
+    return canvas.astype(bool)
+
+
+def test_cvat_xml_has_cvat_structure_and_masks_decode_to_the_labels(tmp_path: Path) -> None:
+    scene, other = _scene(), _smooth_labels(30, 40, len(CLASSES), seed=6)
+    written = _export(tmp_path, {"scene": scene, "other": other}, ["cvat"])
+    root = ET.parse(written["cvat"]).getroot()
+    assert root.tag == "annotations" and root.findtext("version") == "1.1"
+    task = root.find("meta/task")
+    assert task.findtext("size") == "2" and task.findtext("mode") == "annotation"
+    assert [label.findtext("name") for label in task.findall("labels/label")] == CLASSES[1:]
+    images = root.findall("image")
+    assert [(i.get("id"), i.get("name"), i.get("width"), i.get("height")) for i in images] == [
+        ("0", "scene.jpg", "80", "64"), ("1", "other.jpg", "40", "30")]
+    for image, labels in zip(images, (scene, other), strict=True):
+        rebuilt = np.zeros_like(labels)
+        masks = image.findall("mask")
+        for element in masks:
+            assert set(element.attrib) == {"label", "source", "occluded", "rle", "left", "top", "width",
+                                           "height", "z_order"}
+            mask = _decode_cvat_mask(element, *labels.shape)
+            assert not rebuilt[mask].any()
+            rebuilt[mask] = CLASSES.index(element.get("label"))
+        np.testing.assert_array_equal(rebuilt, labels)
+        regions = sum(skimage_label(labels == c, connectivity=2).max() for c in (1, 2, 3))
+        assert len(masks) == regions
+
+
+def test_cvat_rle_runs_start_with_zeros() -> None:
+    assert cvat_rle(np.array([[1, 1, 0], [0, 1, 1]], bool)) == [0, 2, 2, 2]
+    assert cvat_rle(np.array([[0, 1], [1, 1]], bool)) == [1, 3]
+    assert cvat_rle(np.zeros((0, 0), bool)) == []
+
+
+# --------------------------------------------------------------------------- runs, edge cases
+
+
+def test_empty_labels_write_valid_files_without_objects(tmp_path: Path) -> None:
+    written = _export(tmp_path, {"empty": np.zeros((20, 30), np.uint8)}, ALL)
+    coco = COCO(str(written["coco"]))
+    assert coco.getImgIds() == [1] and coco.getAnnIds() == []
+    assert json.loads((tmp_path / "empty_polygons.json").read_text())["objects"] == []
+    assert json.loads((tmp_path / "empty_masks/index.json").read_text())["files"] == {}
+    assert (tmp_path / "yolo/labels/empty.txt").read_text() == ""
+    assert json.loads(written["labelstudio"].read_text())[0]["predictions"][0]["result"] == []
+    assert ET.parse(written["cvat"]).getroot().find("image").findall("mask") == []
+
+
+def test_more_than_255_classes_in_16_bit_labels(tmp_path: Path) -> None:
+    classes = ["background"] + [f"class {i}" for i in range(1, 300)]
+    labels = _smooth_labels(48, 64, 300, seed=7)
+    labels[0, :] = 299
+    assert labels.dtype == np.uint16 and labels.max() == 299
+    written = _export(tmp_path, {"many": labels}, ALL, classes=classes, polygon_tolerance=0)
+    coco = COCO(str(written["coco"]))
+    np.testing.assert_array_equal(_coco_labels(coco, 1), labels)
+    index = json.loads((tmp_path / "many_masks/index.json").read_text())
+    assert "299_class_299.png" in index["files"]
+    for name, entry in index["files"].items():
+        png = np.array(Image.open(tmp_path / "many_masks" / name))
+        np.testing.assert_array_equal(png == 255, labels == entry["class_id"])
+    document = json.loads((tmp_path / "many_polygons.json").read_text())
+    np.testing.assert_array_equal(rasterize(read_polygons(document), *labels.shape), labels)
+    names = yaml.safe_load(written["yolo_data"].read_text())["names"]
+    assert len(names) == 299 and names[298] == "class 299"
+
+
+def test_skipped_images_are_in_run_files_without_rewriting_their_image_files(tmp_path: Path) -> None:
+    session = ExportSession(tmp_path, ALL, CLASSES, True, polygon_tolerance=0)
+    scene = _scene()
+    session.write_image(Path("a.jpg"), "a", scene)
+    session.add_existing(Path("b.jpg"), "b", scene[::-1])
+    written = session.finish()
+    assert not any(path.exists() for path in session.image_outputs("b").values())
+    coco = COCO(str(written["coco"]))
+    assert [i["file_name"] for i in coco.dataset["images"]] == ["a.jpg", "b.jpg"]
+    np.testing.assert_array_equal(_coco_labels(coco, 2), scene[::-1])
+    assert len(json.loads(written["labelstudio"].read_text())) == 2
+    assert len(ET.parse(written["cvat"]).getroot().findall("image")) == 2
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]  # every file renamed into place
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
+    session = ExportSession(tmp_path, ["coco", "masks"], CLASSES, True)
+    with pytest.raises(S2ClipError, match="class 4, outside the 4 classes"):
+        session.write_image(Path("a.jpg"), "a", np.full((2, 2), 4, np.uint8))
+    for stem in ("../a", "a/b", "..", ""):
+        with pytest.raises(S2ClipError, match="not a plain file name"):
+            session.write_image(Path("a.jpg"), stem, np.zeros((2, 2), np.uint8))
+    with pytest.raises(S2ClipError, match="unknown export format"):
+        ExportSession(tmp_path, ["json"], CLASSES, True)
+    with pytest.raises(S2ClipError, match="without class names"):
+        ExportSession(tmp_path, ["coco"], [], True)
+    assert list(tmp_path.iterdir()) == []
