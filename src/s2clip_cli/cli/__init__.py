@@ -19,6 +19,7 @@ from .evaluate import eval_command
 from .methods import methods
 from .models import models_app
 from .segment import segment
+from .serve import serve
 from .visualize import visualize
 
 
@@ -61,6 +62,7 @@ app.command()(entropy)
 app.command()(ap)
 app.command()(methods)
 app.command()(visualize)
+app.command()(serve)
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 

@@ -1,0 +1,183 @@
+"""The HTTP API of `s2clip serve` (FastAPI): ``POST /segment``, ``GET /health``, ``GET /methods``.
+
+Every refusal is a 4xx (503 when the queue is full) with ``{"error": "<one line>"}``; an upload
+over the limit is refused from its Content-Length before the body is read, and a body that grows
+past it while streaming is cut off (`UploadLimit`). Needs the ``serve`` extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..errors import S2ClipError, first_line, one_line
+from .serve_service import RequestError, SegmentService, decode_image, mask_png, outcome_json
+
+FIELDS = ("image", "classes", "background", "no_background", "method", "sam", "sd", "precision")
+FORM_OVERHEAD = 64 * 2**10  # multipart boundaries and the text fields, on top of the image
+FIELD_BYTES = 16 * 2**10  # one text field
+FORMATS = ("json", "png")
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": one_line(message)}, status_code=status)
+
+
+class UploadTooLarge(Exception):
+    """Raised from the request's `receive` once its body passes the limit."""
+
+
+class UploadLimit:
+    """ASGI middleware: request bodies over `max_bytes` get 413 — from the Content-Length header
+    before anything is read, or as soon as a streamed body passes the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, message: str) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.message = message
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.strip().isdigit() or int(length) > self.max_bytes):
+            await error_response(413 if length.strip().isdigit() else 400,
+                                 self.message if length.strip().isdigit() else "bad Content-Length header"
+                                 )(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise UploadTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except UploadTooLarge:
+            if not started:
+                await error_response(413, self.message)(scope, receive, send)
+
+
+def wanted_format(query: str | None, accept: str | None) -> str:
+    """``json`` or ``png``: the ``format`` query parameter, else the Accept header (PNG when it asks
+    for image/png and not for JSON), else JSON."""
+    if query is not None:
+        fmt = query.strip().lower()
+        if fmt not in FORMATS:
+            raise RequestError(f"unknown format {query[:20]!r}; choose one of: {', '.join(FORMATS)}")
+        return fmt
+    accept = (accept or "").lower()
+    return "png" if "image/png" in accept and "application/json" not in accept else "json"
+
+
+async def _form_fields(request: Request, max_upload: int) -> tuple[UploadFile, dict[str, str]]:
+    """The uploaded image and the text fields of a multipart form; `RequestError` for anything else."""
+    try:
+        form = await request.form(max_files=1, max_fields=len(FIELDS) + 2, max_part_size=FIELD_BYTES)
+    except UploadTooLarge:
+        raise
+    except (StarletteHTTPException, MultiPartException, ValueError, KeyError) as exc:
+        detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or str(exc)
+        raise RequestError(f"malformed form: {detail}") from None
+    unknown = sorted(k for k in form.keys() if k not in FIELDS)
+    if unknown:
+        await form.close()
+        raise RequestError(f"unknown field {unknown[0][:40]!r}; fields: {', '.join(FIELDS)}")
+    upload = form.get("image")
+    fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    if not isinstance(upload, UploadFile):
+        await form.close()
+        raise RequestError("no image: send the image as the multipart file field 'image'")
+    if upload.size is not None and upload.size > max_upload:
+        await form.close()
+        raise RequestError(f"image: the upload is over {max_upload / 2**20:g} MB", status=413)
+    return upload, fields
+
+
+def create_app(service: SegmentService) -> FastAPI:
+    """The API app (the page is mounted on it by `commands.serve`)."""
+    limits = service.limits
+    app = FastAPI(title="s2clip", summary="Training-free open-vocabulary segmentation", docs_url=None,
+                  redoc_url=None)
+    app.add_middleware(UploadLimit, max_bytes=limits.max_upload_bytes + FORM_OVERHEAD,
+                       message=f"upload too large: at most {limits.max_upload_bytes / 2**20:g} MB")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        what = errors[0].get("msg", "invalid request") if errors else "invalid request"
+        return error_response(422, f"invalid request: {what}")
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(500, f"internal error ({type(exc).__name__}: {first_line(exc)[:200]})")
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        """Whether the server is up, what it loaded and how many requests are queued."""
+        return service.health()
+
+    @app.get("/methods")
+    def methods() -> dict[str, Any]:
+        """The methods this server runs (`method` field of /segment); the first is the default."""
+        return {"default": service.default_method, "methods": service.method_info()}
+
+    @app.post("/segment", response_model=None)
+    async def segment(request: Request, format: str | None = None) -> Response:
+        """Multipart form: ``image`` (file), ``classes`` (``cat,dog; puppy``), optional
+        ``background`` ('; '-separated names), ``no_background``, ``method``, ``sam``, ``sd``,
+        ``precision``. Answers JSON (RLE masks, shares), or the mask PNG with ``?format=png`` or
+        ``Accept: image/png``."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            fmt = wanted_format(format, request.headers.get("accept"))
+            upload, fields = await _form_fields(request, limits.max_upload_bytes)
+            try:
+                req = service.parse_request(fields)
+                data = await upload.read(limits.max_upload_bytes + 1)
+                if len(data) > limits.max_upload_bytes:
+                    raise RequestError(f"image: the upload is over {limits.max_upload_bytes / 2**20:g} MB", 413)
+            finally:
+                await upload.close()
+            image = await run_in_threadpool(decode_image, data, upload.filename, limits.max_pixels)
+            outcome = await asyncio.wrap_future(service.submit(image, req))
+        except RequestError as exc:
+            return error_response(exc.status, str(exc))
+        except S2ClipError as exc:  # e.g. a precision this device cannot run
+            return error_response(400, str(exc))
+        if fmt == "png":
+            body = await run_in_threadpool(mask_png, outcome)
+            classes = json.dumps(outcome.classes, ensure_ascii=True)
+            return Response(body, media_type="image/png", headers={"X-S2clip-Classes": classes})
+        record = await run_in_threadpool(outcome_json, outcome)
+        record["timings_s"]["total"] = round(loop.time() - started, 4)
+        return JSONResponse(record)
+
+    return app
