@@ -26,6 +26,7 @@ from s2clip_cli.models.factory import LoadedModels, load_models
 from s2clip_cli.pipeline.cliper import cliper_coarse_map
 from s2clip_cli.pipeline.method_features import stride_aligned_size
 from s2clip_cli.pipeline.segmenter import Segmenter, SegmenterConfig
+from s2clip_cli.pipeline.transforms import resize_short_side
 from s2clip_cli.pipeline.trident import round_up_to_multiple, sam_input_from_image
 from s2clip_cli.refine.pamr import pamr
 
@@ -187,10 +188,13 @@ def test_pamr_is_applied_for_naclip(models: dict[str, LoadedModels]) -> None:
         logits = without.predict_logits(image)
         _, probs_plain = without.coarse(image, size)
         _, probs_pamr = with_pamr.coarse(image, size)
-        # Independently: PAMR on the cosines at label size with the CLIP-normalised prepared image.
-        x = with_pamr.prepare(image)[None]
-        normed = (x - with_pamr.mean["clip"]) / with_pamr.std["clip"]
-        normed = F.interpolate(normed, size=size, mode="bilinear", align_corners=False)
+        # Independently: PAMR on the cosines at label size with NACLIP's `inputs` (the resized image,
+        # mmseg's SegDataPreProcessor constants) resized to that size.
+        resized = resize_short_side(image, with_pamr.config.short_side)
+        x = torch.from_numpy(resized).permute(2, 0, 1).float()[None]
+        mean = torch.tensor([122.771, 116.746, 104.094]).view(1, 3, 1, 1)
+        std = torch.tensor([68.501, 66.632, 70.323]).view(1, 3, 1, 1)
+        normed = F.interpolate((x - mean) / std, size=size, mode="bilinear", align_corners=False)
         up = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)
         expected = pamr(normed, up, iterations=10, dilations=(8, 16))[0]
         _, expected_probs = with_pamr.classify(expected, size)

@@ -40,6 +40,19 @@ LAYER_POLICIES: dict[str, str] = {
     LAYERS_CLIPER: "CLIPer all-layer fusion (12 maps averaged)",
 }
 
+# How a window that is not a multiple of the patch size is fed (sliding windows; the whole-image
+# pass always feeds the image unpadded, as every reference does).
+WINDOW_PAD = "pad"  # padded (centred) with the normalised mean colour to the patch multiple (ClearCLIP, ProxyCLIP)
+WINDOW_DROP = "drop"  # fed as it is: the patch conv drops the remainder, logits stretched over the window (SCLIP, NACLIP)
+
+# Where the whole-image pass's logits (on the patch grid, remainder dropped) are resized to.
+WHOLE_TO_LABEL = "label"  # straight to the label size, one bilinear resize (SCLIP, ClearCLIP, ProxyCLIP)
+WHOLE_VIA_IMAGE = "image"  # to the resized image, then to the label size (NACLIP's forward_feature + predict)
+
+# Over what ``mean(S)`` of the proxy attention is taken.
+PROXY_MEAN_WINDOW = "window"  # each window's own similarity matrix (ProxyCLIP's eval: one window per batch)
+PROXY_MEAN_BATCH = "batch"  # all windows of the image, batched as Trident's get_windowed_imgs does
+
 # Post-processing steps, in the order they run when a method lists several.
 POSTPROCESS_STEPS: dict[str, str] = {
     "cliper_propagation": "CLIPer: last-layer map thresholded (attention_thr × class max), propagated by the "
@@ -134,6 +147,11 @@ class Method:
     sigma: float | None = None  # neighbourhood Gaussian std (patches)
     beta: float | None = None  # proxy attention
     gamma: float | None = None
+    window_remainder: str = WINDOW_PAD  # WINDOW_*
+    whole_image_logits: str = WHOLE_TO_LABEL  # WHOLE_*
+    proxy_mean: str = PROXY_MEAN_WINDOW  # PROXY_MEAN_*
+    # NACLIP: after the labels are taken, the merged class probabilities are divided by their sum.
+    renormalize_probs: bool = False
 
 
 def _miou(values: tuple[float | None, ...]) -> Mapping[str, float | None]:
@@ -155,10 +173,12 @@ def _extra(**values: Any) -> Mapping[str, Any]:
 
 
 _PROTOCOL_COMMON = (
-    "Common to all baselines under s2clip: open_clip with OpenAI weights; the positional embedding is "
+    "Common to all baselines under s2clip: open_clip with OpenAI weights; 0-255 images normalised with "
+    "mmseg's SegDataPreProcessor constants (mean 122.771/116.746/104.094, std 68.501/66.632/70.323) as the "
+    "mmseg family; the positional embedding is "
     "resampled as the mmseg family does (bicubic, scale factor (g+0.1)/14); windows are cut as mmseg's "
-    "slide inference and padded (centred, CLIP's mean colour = zeros after normalisation) to the patch "
-    "multiple; overlapping window cosines are averaged before the logit scale; predictions are resized "
+    "slide inference and, where the method's reference pads them, padded (centred, zeros after "
+    "normalisation = mmseg's mean colour) to the patch multiple; overlapping window cosines are averaged before the logit scale; predictions are resized "
     "to the label size and scored by our mmseg-style IoU (confusion matrix); precision follows "
     "--precision (auto = fp16 on CUDA as the references run, fp32 on the CPU), attention softmax and "
     "classification always float32."
@@ -207,9 +227,13 @@ _add(Method(
     deviations=(
         "Runs S2CLIP's code path with one layer (the last block's input), so --layers turns it hierarchical. "
         "mean(S) of the proxy attention is taken per window (ProxyCLIP: over the batch, which is one window in "
-        "its eval, so equal); windows are padded to the CLIP/VFM patch multiple (ProxyCLIP: 56); the DINO "
-        "branch uses both image sides (ProxyCLIP uses the height for both, equal for square crops); our "
-        "class files are ProxyCLIP's ('; ' synonyms, same background words). " + _PROTOCOL_COMMON
+        "its eval, so equal); the VFM sees the mmseg-normalised window un-normalised with CLIP's constants and "
+        "normalised for ImageNet, as ProxyCLIP; windows smaller than the crop are padded to the CLIP/VFM patch "
+        "multiple (ProxyCLIP: 56); a whole-image pass (--whole-image) feeds the image unpadded (each patch conv "
+        "drops its remainder) and resizes the logits straight to the label size, as ProxyCLIP's forward_feature; "
+        "the DINO branch uses both image sides (ProxyCLIP uses the height for both, equal for square crops; its "
+        "whole-image pass fails on non-square images); our class files are ProxyCLIP's ('; ' synonyms, same "
+        "background words). " + _PROTOCOL_COMMON
     ),
     reference="mc-lan/ProxyCLIP e7b767f",
 ))
@@ -242,14 +266,17 @@ _add(Method(
         "ln_post) pasted on the image token grid and averaged, mixed by SAM ViT-B's cos_fac-thresholded "
         "last-block attention computed on the original image rounded up to x16 (Cityscapes: left/right "
         "halves), then ln_post/proj, cosines on SAM's grid, SAM prompt refinement (--no-sam skips only the "
-        "prompts). Differences: mean(S) is per window (Trident batches all windows of an image and takes it "
-        "over the batch, so its result depends on the batch); the SAM branch takes the image in memory "
+        "prompts). As Trident, all windows of an image are one batch and mean(S) of the proxy attention is "
+        "taken over that batch (so a window's attention depends on the other windows of its image; our "
+        "s2clip and proxyclip methods take it per window); the VFM sees the mmseg-normalised windows "
+        "un-normalised with CLIP's constants and normalised for ImageNet, as Trident. Differences: the SAM branch takes the image in memory "
         "(Trident re-reads the file from disk); SAM's encoder runs twice (guidance on the x16-rounded image, "
         "prompts on the image; Trident encodes once); a guidance row with no kept entry keeps its own token "
         "(Trident: NaN); classes merge by max over names (Trident's merge assumes synonyms on line 0 only, "
         "true of our files). " + _PROTOCOL_COMMON
     ),
     reference="YuHengsss/Trident a93b346",
+    proxy_mean=PROXY_MEAN_BATCH,
 ))
 
 # ClearCLIP's protocol; MaskCLIP runs under it too (the numbers the tables cite come from ClearCLIP's
@@ -306,10 +333,13 @@ _add(Method(
     ),
     deviations=(
         "Correlative self-attention with the residual and FFN kept (SCLIP's code; its rows sum to 2); area_thd "
-        "on VOC21 applied as SCLIP's postprocess_result (after the name merge, before prob_thd). "
+        "on VOC21 applied as SCLIP's postprocess_result (after the name merge, before prob_thd). Windows are fed "
+        "unpadded as SCLIP's (a remainder is dropped by the patch conv and the logits stretched over the "
+        "window); a whole-image pass resizes the grid's logits straight to the label size (its forward_feature). "
         + _SCLIP_CLASS_NOTE + " SCLIP loads OpenAI CLIP (fp16 on GPU). " + _PROTOCOL_COMMON
     ),
     reference="wangf3014/SCLIP b56bd30",
+    window_remainder=WINDOW_DROP,
 ))
 
 _add(Method(
@@ -332,11 +362,15 @@ _add(Method(
     deviations=(
         "Neighbourhood attention (k-k plus a Gaussian over patch positions, sigma 5) without residual/FFN, and "
         "PAMR (10 iterations, dilations 8/16; --no-pamr for the paper's numbers) on the cosine logits at label "
-        "size with the CLIP-normalised image, before the logit scale (as NACLIP). VOC21/VOC20 run the whole "
-        "image in one pass as NACLIP v2, padded to x16 (NACLIP feeds it unpadded: the patch conv drops the "
-        "remainder). " + _SCLIP_CLASS_NOTE + " " + _PROTOCOL_COMMON
+        "size with the mmseg-normalised image, before the logit scale (as NACLIP). VOC21/VOC20 run the whole "
+        "image in one pass as NACLIP v2: unpadded (the patch conv drops the remainder), the grid's logits "
+        "stretched to the resized image, then resized to the label size; windows are fed unpadded too. After "
+        "the labels are taken (argmax, prob_thd), the class probabilities (max over a class's names) are "
+        "divided by their sum, as NACLIP's postprocess_result: labels are unchanged, SAM's coarse_thresh "
+        "(when --sam adds it) sees the renormalised values. " + _SCLIP_CLASS_NOTE + " " + _PROTOCOL_COMMON
     ),
     reference="sinahmr/NACLIP 0cac3a6 (v2 code); PAMR from visinf/1-stage-wseg",
+    window_remainder=WINDOW_DROP, whole_image_logits=WHOLE_VIA_IMAGE, renormalize_probs=True,
 ))
 
 _add(Method(
@@ -451,6 +485,7 @@ _add(Method(
         "column/row passes, the last block's input and the propagation L passes."
     ),
     reference="linsun449/cliper.code c05fa41",
+    whole_image_logits=WHOLE_VIA_IMAGE,
 ))
 
 
@@ -534,7 +569,9 @@ def deviations(name: str) -> str:
 
 
 __all__ = [
-    "LAYER_POLICIES", "METHODS", "OPTIONAL_STEPS", "POSTPROCESS_STEPS", "TABLE_HEADERS", "TABLE_PRESETS", "TEMPLATES", "Method",
+    "LAYER_POLICIES", "METHODS", "OPTIONAL_STEPS", "POSTPROCESS_STEPS", "PROXY_MEAN_BATCH", "PROXY_MEAN_WINDOW",
+    "TABLE_HEADERS", "TABLE_PRESETS", "TEMPLATES", "WHOLE_TO_LABEL", "WHOLE_VIA_IMAGE", "WINDOW_DROP", "WINDOW_PAD",
+    "Method",
     "Protocol", "Reported", "ResolvedProtocol", "deviations", "get_method", "method_table_rows",
     "resolve_protocol",
 ]

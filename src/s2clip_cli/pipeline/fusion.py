@@ -9,19 +9,26 @@ from torch import Tensor
 from ..config import BETA, GAMMA
 
 
-def proxy_attention(features: Tensor, beta: float = BETA, gamma: float = GAMMA) -> Tensor:
+def proxy_attention(features: Tensor, beta: float = BETA, gamma: float = GAMMA, *, batch_mean: bool = False) -> Tensor:
     """Row-stochastic attention ``[B, h*w, h*w]`` from VFM features ``[B, C, h, w]``.
 
-    ``S = F̂ᵀF̂`` (cosine similarity of patch features); logits ``γ·(S − β·mean(S))`` with the mean
-    taken over each window's own matrix (so results do not depend on how windows are batched);
-    entries with negative logits are masked to −inf before the softmax, so they are exactly 0.
-    The diagonal (S = 1) always survives whenever β·mean(S) < 1, so no row is empty; a row that
-    would be fully masked falls back to attending to itself.
+    ``S = F̂ᵀF̂`` (cosine similarity of patch features); logits ``γ·(S − mean(S)·β)``, the mean over
+    each window's own matrix (ProxyCLIP, one window per batch), or with `batch_mean` over the whole
+    batch (Trident, which batches all windows of an image); entries with negative logits are masked
+    to −inf before the softmax, so they are exactly 0. The arithmetic is ProxyCLIP's, in its order
+    (``torch.mean`` of the matrix, ×β, subtracted, ×γ, float32): the mask is a hard threshold, and
+    another rounding of the mean flips the entries that sit on it. The diagonal (S = 1) always
+    survives whenever β·mean(S) < 1, so no row is empty; a row that would be fully masked falls back
+    to attending to itself.
     """
     f = F.normalize(features.float().flatten(2), dim=1)  # [B, C, N]
-    sim = torch.bmm(f.transpose(1, 2), f)  # [B, N, N]
-    logits = (sim - beta * sim.mean(dim=(1, 2), keepdim=True)) * gamma
-    masked = logits.masked_fill(logits < 0, float("-inf"))
+    sim = torch.einsum("bcm,bcn->bmn", f, f)  # [B, N, N]
+    if batch_mean:
+        mean = torch.mean(sim)
+    else:
+        mean = torch.stack([torch.mean(window) for window in sim]).view(-1, 1, 1)
+    logits = (sim - mean * beta) * gamma
+    masked = logits.masked_fill(logits < 0.0, float("-inf"))
     # A row can only be fully masked if its own (diagonal) logit is; check that cheaply first.
     if bool((logits.diagonal(dim1=1, dim2=2) < 0).any()):
         empty = torch.isinf(masked).all(dim=-1)

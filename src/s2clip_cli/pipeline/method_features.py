@@ -1,7 +1,11 @@
 """What each method computes from the image: per-name score maps, one *head* per family.
 
-A `FeatureHead` turns a batch of windows (``[B, 3, H, W]`` in [0, 1], padded to the patch
-multiple) into per-name maps ``[B, Q, h, w]`` that the Segmenter stitches, classifies and refines.
+A `FeatureHead` turns a batch of windows (``[B, 3, H, W]`` in its input space, `to_input`: the
+mmseg-normalised image for every head but CLIPer's) into per-name maps ``[B, Q, h, w]`` on the
+backbone's patch grid, which the Segmenter stitches, classifies and refines. A window that is not a
+multiple of a backbone's patch size loses its right/bottom remainder to that backbone's patch
+convolution, as in the references' unpadded passes (the Segmenter pads the windows of the methods
+whose references pad them).
 Four families (``s2clip_cli.methods`` names the method → family mapping):
 
 - `ProxyLayersHead` — S2CLIP and ProxyCLIP: the VFM's proxy attention on the value path of each kept
@@ -29,14 +33,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import S2ClipError
-from ..methods import LAYERS_CLIPER, LAYERS_HIERARCHICAL, Method
-from ..models.clip import ClipLayerStreams, default_layers
+from ..methods import LAYERS_CLIPER, LAYERS_HIERARCHICAL, PROXY_MEAN_BATCH, Method
+from ..models.clip import CLIP_MEAN, CLIP_STD, ClipLayerStreams, default_layers
 from ..models.precision import autocast, full_precision
 from ..profiling import StageTimer
 from .attention import cliper_layer_features, dense_clip_features
 from .cliper import cliper_coarse_map, foreground_mean_query
 from .fusion import proxy_attention
 from .spatial_entropy import layer_entropy_weights, spatial_entropy
+from .transforms import clip_to_imagenet, normalize_pixels
 from .trident import guide_token_map, round_up_to_multiple
 from .windows import Stitcher
 
@@ -60,7 +65,7 @@ class FeatureHead:
         return [self.seg.models.clip.num_blocks - 2]
 
     def window_logits(self, windows: Tensor, timer: StageTimer) -> Tensor:
-        """Per-name maps ``[B, Q, h, w]`` of windows ``[B, 3, H, W]`` in [0, 1]."""
+        """Per-name maps ``[B, Q, h, w]`` of windows ``[B, 3, H, W]`` in the head's input space."""
         raise NotImplementedError
 
     def image_logits(self, x: Tensor, image: np.ndarray, timer: StageTimer) -> Tensor | None:
@@ -68,15 +73,38 @@ class FeatureHead:
         original `image`), or None when the head works window by window."""
         return None
 
+    def to_input(self, pixels: Tensor) -> Tensor:
+        """The resized image ``[3, H, W]`` (float32 0–255 RGB values) in the head's input space:
+        mmseg's normalisation (`transforms.normalize_pixels`), then `adjust`. Padding a window
+        with zeros in this space pads it with mmseg's mean colour, as the references do."""
+        return self.adjust(normalize_pixels(pixels))
+
     def adjust(self, x: Tensor) -> Tensor:
-        """The prepared image ``[3, H, W]`` in [0, 1] brought to the size the head needs."""
+        """The normalised image ``[3, H, W]`` brought to the size the head needs."""
         return x
 
     def _clip_input(self, windows: Tensor) -> Tensor:
-        return (windows - self.seg.mean["clip"]) / self.seg.std["clip"]
+        """CLIP's input: the windows themselves (already normalised), cut to whole patches."""
+        return floor_to_multiple(windows, self.seg.models.clip.patch_size)
 
     def _vfm_input(self, windows: Tensor) -> Tensor:
-        return (windows - self.seg.mean["vfm"]) / self.seg.std["vfm"]
+        """The VFM's input as ProxyCLIP/Trident make it (`transforms.clip_to_imagenet`), cut to
+        whole patches for VFMs whose grid follows the input size."""
+        vfm = self.seg.models.vfm
+        patch = int(getattr(vfm, "patch_size", 1))
+        h, w = windows.shape[-2:]
+        if hasattr(vfm, "grid") and tuple(vfm.grid(h, w)) != (h // patch, w // patch):
+            return clip_to_imagenet(windows)  # resizes its input itself (SAM's encoder)
+        return clip_to_imagenet(floor_to_multiple(windows, patch))
+
+
+def floor_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """``x`` ``[..., H, W]`` without its bottom/right remainder modulo `multiple` (what a patch
+    convolution with stride = kernel ignores); the tensor itself when there is none."""
+    h, w = x.shape[-2:]
+    if h % multiple == 0 and w % multiple == 0:
+        return x
+    return x[..., : h - h % multiple, : w - w % multiple]
 
 
 class ProxyLayersHead(FeatureHead):
@@ -96,7 +124,7 @@ class ProxyLayersHead(FeatureHead):
             return self._fuse(feats.float(), streams.streams, streams.grid)
 
     def _backbones(self, windows: Tensor, timer: StageTimer) -> tuple[Tensor, ClipLayerStreams]:
-        """The VFM's patch features and the kept CLIP streams of windows ``[B, 3, H, W]`` in [0, 1],
+        """The VFM's patch features and the kept CLIP streams of normalised windows ``[B, 3, H, W]``,
         under the run's precision."""
         seg = self.seg
         with timer("vfm"), autocast(seg.device, seg.dtype):
@@ -110,7 +138,8 @@ class ProxyLayersHead(FeatureHead):
         seg = self.seg
         clip = seg.models.clip
         b, _, gh, gw = feats.shape
-        attn = proxy_attention(feats, seg.config.beta, seg.config.gamma)  # [B, M, M]
+        attn = proxy_attention(feats, seg.config.beta, seg.config.gamma,
+                               batch_mean=seg.method.proxy_mean == PROXY_MEAN_BATCH)  # [B, M, M]
         # A · resample(v) == (A · R) · v: resample once per window instead of once per layer.
         attn_r = torch.matmul(attn, seg.resample(clip_grid, (gh, gw)))  # [B, M, N]
         values = torch.cat([clip.value_tokens(s.float()) for s in streams], dim=-1)  # [B, N, L*D]
@@ -155,7 +184,7 @@ class LastBlockHead(FeatureHead):
                                          ffn=method.ffn, sigma=seg.config.sigma)
         with timer("fusion"), full_precision(seg.device):
             b = windows.shape[0]
-            grid = (windows.shape[-2] // clip.patch_size, windows.shape[-1] // clip.patch_size)
+            grid = (windows.shape[-2] // clip.patch_size, windows.shape[-1] // clip.patch_size)  # remainder dropped
             cosines = F.normalize(tokens.float(), dim=-1) @ seg.text.T  # [B, h*w, Q]
             return cosines.transpose(1, 2).reshape(b, -1, *grid)
 
@@ -167,13 +196,14 @@ class TridentHead(ProxyLayersHead):
         return [self.seg.models.clip.num_blocks - 2]
 
     def adjust(self, x: Tensor) -> Tensor:
-        """Trident's ``preprocess_image``: both sides brought up to multiples of the patch multiple
-        (keeping the aspect ratio of the long side), at least the crop, bilinear."""
+        """Trident's ``preprocess_image`` on the normalised image (as Trident): both sides brought up
+        to multiples of the patch multiple (keeping the aspect ratio of the long side), at least the
+        crop, bilinear."""
         h, w = x.shape[-2:]
         size = stride_aligned_size(h, w, self.seg.pad_multiple(), self.seg.config.crop)
         if size == (h, w):
             return x
-        return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0].clamp_(0.0, 1.0)
+        return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
 
     def image_logits(self, x: Tensor, image: np.ndarray, timer: StageTimer) -> Tensor:
         seg = self.seg
@@ -229,9 +259,14 @@ class CliperHead(FeatureHead):
     def layers(self) -> list[int]:
         return list(range(self.seg.models.clip.num_blocks))  # layer slots: every block's input
 
+    def to_input(self, pixels: Tensor) -> Tensor:
+        """CLIPer's own transform (not mmseg's): [0, 1] values, `adjust`, then CLIP's
+        ``Normalize``."""
+        return normalize_pixels(self.adjust(pixels / 255.0), CLIP_MEAN, CLIP_STD)
+
     def adjust(self, x: Tensor) -> Tensor:
-        """CLIPer's ``_resize``: both sides rounded to the nearest multiple of the patch size
-        (bicubic)."""
+        """CLIPer's ``_resize`` of the [0, 1] image: both sides rounded to the nearest multiple of the
+        patch size (bicubic)."""
         patch = self.seg.models.clip.patch_size
         h, w = x.shape[-2:]
         size = (max(patch, int(h / patch + 0.5) * patch), max(patch, int(w / patch + 0.5) * patch))
@@ -264,5 +299,5 @@ def make_head(seg: Segmenter, method: Method) -> FeatureHead:
 
 __all__ = [
     "COSINE", "PROBABILITY", "CliperHead", "FeatureHead", "LastBlockHead", "ProxyLayersHead", "TridentHead",
-    "make_head", "stride_aligned_size",
+    "floor_to_multiple", "make_head", "stride_aligned_size",
 ]

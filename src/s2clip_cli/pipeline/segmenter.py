@@ -31,11 +31,16 @@ from torch import Tensor
 from .. import config as defaults
 from ..config import RefineConfig
 from ..errors import S2ClipError
-from ..methods import LAYERS_HIERARCHICAL, METHODS, get_method
-from ..models.clip import CLIP_MEAN, CLIP_STD
+from ..methods import (
+    LAYERS_HIERARCHICAL,
+    METHODS,
+    PROXY_MEAN_BATCH,
+    WHOLE_TO_LABEL,
+    WINDOW_PAD,
+    get_method,
+)
 from ..models.factory import LoadedModels, ModelPaths, load_models, resolve_device
 from ..models.precision import autocast, compute_dtype, full_precision, sam_encoder_dtype
-from ..models.vfm import IMAGENET_MEAN, IMAGENET_STD
 from ..profiling import StageTimer
 from .fusion import resample_matrix
 from .method_features import PROBABILITY, make_head
@@ -127,14 +132,6 @@ class Segmenter:
         self.dtype = compute_dtype(config.precision, device)
         self.sam_dtype = sam_encoder_dtype(config.precision, device, config.sam)
         self.method = get_method(config.method)
-        self.mean = {
-            "clip": torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1),
-            "vfm": torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
-        }
-        self.std = {
-            "clip": torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1),
-            "vfm": torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1),
-        }
         self.head = make_head(self, self.method)
         clip = models.clip
         self.layers = self.head.layers()
@@ -196,43 +193,55 @@ class Segmenter:
 
     # ------------------------------------------------------------------ per-window features
     def window_logits(self, windows: Tensor, timer: StageTimer | None = None) -> Tensor:
-        """Per-name maps ``[B, Q, h, w]`` for windows ``[B, 3, H, W]`` in [0, 1] — cosine
-        similarities (S2CLIP: on the VFM grid), or probabilities for CLIPer (`head.scores`).
+        """Per-name maps ``[B, Q, h, w]`` for windows ``[B, 3, H, W]`` cut from `prepare`'s output
+        (normalised) — cosine similarities on the patch grid (S2CLIP: the VFM grid), or
+        probabilities for CLIPer (`head.scores`).
 
-        H and W must be multiples of both backbones' patch sizes. The backbones run under the
-        run's precision; the fusion (attention softmax, classification) in float32."""
+        A remainder of H or W modulo a backbone's patch size is dropped by that backbone. The
+        backbones run under the run's precision; the fusion (attention softmax, classification) in
+        float32."""
         timer = timer or self.timer()
         with torch.no_grad():
             return self.head.window_logits(windows, timer)
 
     # ------------------------------------------------------------------ whole image
     def prepare(self, image: np.ndarray) -> Tensor:
-        """Step 1: the image resized as the preset says (mmseg keep-ratio resize), ``[3, h, w]`` in
-        [0, 1] on the device."""
+        """Step 1: the image resized as the preset says (mmseg keep-ratio resize, uint8 as mmseg),
+        normalised as the method's reference (mmseg's constants on 0–255 values; CLIPer: CLIP's
+        transform) — ``[3, h, w]`` float32 on the device (`FeatureHead.to_input`)."""
         cfg = self.config
         resized = resize_short_side(image, cfg.short_side, cfg.max_long_side)
         x = torch.from_numpy(np.require(resized, requirements=["C", "W"])).to(self.device)
-        return self.head.adjust(x.permute(2, 0, 1).float().div_(255.0))
+        return self.head.to_input(x.permute(2, 0, 1).float())
 
     def windows(self, x: Tensor) -> list[WindowBatch]:
-        """Step 2: the prepared image's sliding windows in batches of `window_batch`, padded to the
-        patch multiple."""
+        """Step 2: the prepared image's windows, in batches of `window_batch` (Trident: all windows of
+        the image in one batch, as its `get_windowed_imgs`). Windows are padded (centred, with zeros
+        = the normalised mean colour) to the patch multiple when the method's reference pads them;
+        the whole-image pass is never padded (every reference feeds it as it is)."""
         h, w = x.shape[-2:]
         if self.config.whole_image:
-            boxes = [(0, 0, h, w)]
+            boxes, multiple = [(0, 0, h, w)], 1
         else:
             boxes = sliding_windows(h, w, self.config.crop, self.config.stride)
-        return list(window_batches(x, boxes, self.config.window_batch, self.pad_multiple(), CLIP_MEAN))
+            multiple = self.pad_multiple() if self.method.window_remainder == WINDOW_PAD else 1
+        batch = len(boxes) if self.method.proxy_mean == PROXY_MEAN_BATCH else self.config.window_batch
+        return list(window_batches(x, boxes, batch, multiple, (0.0, 0.0, 0.0)))
 
     def predict_logits(self, image: np.ndarray, timer: StageTimer | None = None) -> Tensor:
-        """Stitched per-name maps ``[Q, h, w]`` covering the image (DESIGN steps 1–5): cosine
-        similarities at the resized scale (Trident: on SAM's grid), CLIPer's probabilities."""
+        """Per-name maps ``[Q, h, w]`` covering the image (DESIGN steps 1–5): cosine similarities
+        stitched at the resized scale (Trident: on SAM's grid; a whole-image pass of a method that
+        resizes its logits straight to the label size: on the patch grid), CLIPer's probabilities.
+        `classify` and `refine_pamr` resize them to the output size."""
         timer = timer or self.timer()
         with timer("prepare"):
             x = self.prepare(image)
         whole = self.head.image_logits(x, image, timer)
         if whole is not None:
             return whole
+        if self.config.whole_image and self.method.whole_image_logits == WHOLE_TO_LABEL:
+            (batch,) = self.windows(x)
+            return self.window_logits(batch.crops, timer)[0]
         h, w = x.shape[-2:]
         stitcher = Stitcher(len(self.queries.names), h, w, device=self.device)
         for batch in self.windows(x):
@@ -254,7 +263,8 @@ class Segmenter:
         name's map at `size` would exceed `CLASSIFY_BUDGET` values, the softmax is computed over
         chunks of names (two passes), so only the class probabilities are held at full size.
         Heads whose maps are already probabilities (CLIPer) are normalised per pixel instead of
-        scaled and softmaxed. SCLIP's `area_thd` drops small foreground classes before the labels."""
+        scaled and softmaxed. SCLIP's `area_thd` drops small foreground classes before the labels;
+        NACLIP's class probabilities are divided by their sum after the labels are taken."""
         with full_precision(self.device):
             logits = logits.float()
             n_names = logits.shape[0]
@@ -264,7 +274,10 @@ class Segmenter:
             else:
                 probs = self._classify_streamed(logits, size)
             probs = self.drop_small_classes(probs)
-        return self.labels_from(probs), probs
+            labels = self.labels_from(probs)
+            if self.method.renormalize_probs:
+                probs = renormalized(probs)
+        return labels, probs
 
     def _name_probs(self, up: Tensor) -> Tensor:
         """Per-name probabilities of upsampled maps ``[Q, H, W]`` (in place where possible)."""
@@ -288,15 +301,15 @@ class Segmenter:
 
     def refine_pamr(self, image: np.ndarray, logits: Tensor, size: tuple[int, int]) -> Tensor:
         """NACLIP's PAMR: the maps ``[Q, h, w]`` upsampled (bilinear) to `size` and refined by the
-        affinities of the CLIP-normalised prepared image at that size, before any logit scale.
+        affinities of the normalised prepared image (`prepare`: mmseg's constants, as NACLIP's
+        ``inputs``) resized to that size, before any logit scale.
         Returns ``[Q, H, W]`` float32 (PAMR is batched over the names, on the device)."""
         from ..refine.pamr import pamr
 
         cfg = self.config
         with torch.no_grad(), full_precision(self.device):
             x = self.prepare(image)[None]
-            normed = (x - self.mean["clip"]) / self.std["clip"]
-            normed = F.interpolate(normed, size=size, mode="bilinear", align_corners=False)
+            normed = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
             up = F.interpolate(logits.float()[None], size=size, mode="bilinear", align_corners=False)
             return pamr(normed, up, iterations=cfg.pamr_iterations, dilations=cfg.pamr_dilations)[0]
 
@@ -445,6 +458,12 @@ class Segmenter:
             if tuple(labels.shape) != image.shape[:2]:
                 labels = F.interpolate(labels[None, None].float(), size=image.shape[:2], mode="nearest")[0, 0]
         return SegmentationResult(labels.cpu().numpy().astype(np.int64), probs, timer.times)
+
+
+def renormalized(probs: Tensor) -> Tensor:
+    """NACLIP's last step: class probabilities ``[C, H, W]`` divided by their per-pixel sum (after
+    the max over each class's names the sum exceeds 1 wherever a class has several names)."""
+    return probs / probs.sum(dim=0, keepdim=True)
 
 
 def check_config(config: SegmenterConfig) -> None:

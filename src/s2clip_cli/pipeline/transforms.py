@@ -1,9 +1,58 @@
-"""Image transforms of the evaluation protocol: mmseg's keep-ratio resize."""
+"""Image transforms of the evaluation protocol: mmseg's keep-ratio resize and the lineage's
+normalisation.
+
+Normalisation, exactly as the mmseg family (SCLIP, ClearCLIP, NACLIP, ProxyCLIP, Trident) does it:
+
+- CLIP input: the resized uint8 RGB image as float 0–255 values, ``(x − mean) / std`` with mmseg's
+  ``SegDataPreProcessor(mean=[122.771, 116.746, 104.094], std=[68.501, 66.632, 70.323])``
+  (`normalize_pixels`). These are CLIP's constants × 255 rounded to three decimals, so the input
+  differs from CLIP's own ``(x/255 − m) / s`` by ~1e-5 relative — enough to flip ProxyCLIP's hard
+  mask of negative similarities and PAMR's affinities on flat regions, hence the exact constants.
+- VFM input (ProxyCLIP, Trident): that tensor *un-normalised with CLIP's constants* (their
+  ``UnNormalize``: ``x·s + m`` per channel) and normalised for ImageNet (torchvision's
+  ``Normalize``: ``(x − m) / s``) — `clip_to_imagenet`. Because mmseg's constants are not exactly
+  CLIP's × 255, this is not the [0, 1] image; it is what the references' VFM sees.
+- Padding: windows are padded with zeros *after* normalisation (ProxyCLIP/ClearCLIP/Trident pad the
+  normalised crop with ``F.pad``), i.e. mmseg's mean colour; the VFM sees ``clip_to_imagenet(0)``.
+
+Every step is float32 element-wise arithmetic in the references' order (subtract then divide;
+multiply then add), so our tensors equal theirs bit for bit.
+"""
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
+import torch
+from torch import Tensor
+
+from ..models.clip import CLIP_MEAN, CLIP_STD
+from ..models.vfm import IMAGENET_MEAN, IMAGENET_STD
+
+# mmseg SegDataPreProcessor constants of every mmseg-family config (RGB, 0–255 values).
+MMSEG_MEAN: tuple[float, float, float] = (122.771, 116.746, 104.094)
+MMSEG_STD: tuple[float, float, float] = (68.501, 66.632, 70.323)
+
+
+def _channels(values: tuple[float, ...], like: Tensor) -> Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=like.device).view(3, 1, 1)
+
+
+def normalize_pixels(pixels: Tensor, mean: tuple[float, ...] = MMSEG_MEAN,
+                     std: tuple[float, ...] = MMSEG_STD) -> Tensor:
+    """``(x − mean) / std`` per channel of ``[..., 3, H, W]`` float32 pixel values (0–255 with the
+    default mmseg constants), as mmseg's ``SegDataPreProcessor``."""
+    x = pixels.float()
+    return (x - _channels(mean, x)) / _channels(std, x)
+
+
+def clip_to_imagenet(clip_input: Tensor) -> Tensor:
+    """The VFM input of ProxyCLIP/Trident from a normalised CLIP input ``[..., 3, H, W]``:
+    un-normalised with CLIP's constants (``x·s + m``), then normalised with ImageNet's
+    (``(x − m) / s``), float32, in that order."""
+    x = clip_input.float()
+    unnormed = x * _channels(CLIP_STD, x) + _channels(CLIP_MEAN, x)
+    return (unnormed - _channels(IMAGENET_MEAN, x)) / _channels(IMAGENET_STD, x)
 
 
 def rescale_size(h: int, w: int, short_side: int, max_long: int = 2048) -> tuple[int, int]:

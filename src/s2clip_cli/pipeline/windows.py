@@ -78,11 +78,12 @@ class WindowBatch:
 def window_batches(image: Tensor, boxes: Sequence[Box], batch_size: int, multiple: int,
                    fill: Sequence[float]) -> Iterator[WindowBatch]:
     """Crops of `image` ``[3, H, W]`` at `boxes`, `batch_size` at a time, padded (centred) to a
-    multiple of `multiple` with the colour `fill`.
+    multiple of `multiple` (1: never padded) with the colour `fill`.
 
-    The pipeline passes images in [0, 1] and CLIP's mean colour as `fill`: after CLIP's
-    normalisation the padding is exactly zero, as ProxyCLIP pads its normalised windows, and the VFM
-    sees that colour under its own normalisation, as ProxyCLIP's un-normalise/normalise does."""
+    The pipeline passes the normalised image and zeros as `fill`, as ProxyCLIP and ClearCLIP pad
+    their normalised windows (``F.pad``): mmseg's mean colour, which the VFM then sees through the
+    same un-normalise/normalise as the image (`transforms.clip_to_imagenet`). Callers holding
+    [0, 1] images pass their normalisation's mean colour instead."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     fill_t = torch.tensor(list(fill), dtype=image.dtype, device=image.device).view(1, 3, 1, 1)
