@@ -54,15 +54,21 @@ def test_truncated_zip_is_named(tmp_path: Path) -> None:
 
 
 def test_truncated_tar_is_named(tmp_path: Path) -> None:
+    import tarfile
+
     from raw_samples import pack
 
     raw = pack(SAMPLES["voc21"](), tmp_path / "raw", archives=True)
     tar_path = raw / "VOCtrainval_11-May-2012.tar"
     data = tar_path.read_bytes()
-    tar_path.write_bytes(data[: len(data) * 2 // 3])
+    with tarfile.open(tar_path) as tf:  # cut inside a val label: the download is unusable
+        member = next(m for m in tf.getmembers() if m.name.endswith("SegmentationClass/2007_000033.png"))
+    tar_path.write_bytes(data[: member.offset_data + 50])
     with pytest.raises(S2ClipError) as err:
         prepare("voc21", raw, tmp_path / "out")
-    assert str(tar_path) in str(err.value) and "\n" not in str(err.value)
+    message = str(err.value)
+    assert str(tar_path) in message and "is truncated" in message and "download it again" in message
+    assert "\n" not in message
 
 
 @pytest.mark.parametrize("archives", [False, True], ids=["folders", "archives"])

@@ -8,6 +8,7 @@ for a reduce-zero-label preset (0 is its ignored "other"/background), 0..num_cla
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from ..errors import S2ClipError, one_line
 from .datasets import open_dataset
 from .presets import DatasetPreset, get_preset
 from .sources import MANIFEST_NAME, OFFICIAL_VAL_COUNTS
+from .untrusted import open_regular
 
 MAX_PROBLEMS = 20
 
@@ -77,6 +79,24 @@ def _value_range(preset: DatasetPreset) -> str:
     return f"0..{top} and {preset.ignore_index}{note}"
 
 
+def _read_image(path: Path, *, header_only: bool) -> Image.Image:
+    """An image (only its header with ``header_only``; else a decoded 8-bit index label) from a
+    regular file: a FIFO or device is refused without blocking, a decompression bomb is refused."""
+    try:
+        with open_regular(path) as fh, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(fh)
+            if header_only:
+                return img
+            if img.mode not in ("L", "P"):
+                raise S2ClipError(f"{path} is a {img.mode} image, not an 8-bit index map")
+            img.load()
+            return img
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise S2ClipError(f"cannot read {path}: {one_line(exc)}") from None
+
+
 def check(name: str, data_root: str | Path, *,
           progress: Callable[[int, int], None] | None = None) -> CheckReport:
     """Check the data root of preset ``name``; never raises for a bad root (problems are reported)."""
@@ -102,15 +122,11 @@ def check(name: str, data_root: str | Path, *,
     for i in range(n):
         image_path, label_path = dataset.image_path(i), dataset.label_path(i)
         try:
-            with Image.open(image_path) as img:
-                image_size = img.size
-            with Image.open(label_path) as lab:
-                if lab.mode not in ("L", "P"):
-                    raise S2ClipError(f"a {lab.mode} image, not an 8-bit index map")
-                label = np.asarray(lab)
-        except (OSError, ValueError, S2ClipError) as exc:
+            image_size = _read_image(image_path, header_only=True).size
+            label = np.asarray(_read_image(label_path, header_only=False))
+        except S2ClipError as exc:
             unreadable += 1
-            report.add_problem(f"{dataset.sample_ids[i]}: cannot read {label_path} or {image_path}: {one_line(exc)}")
+            report.add_problem(f"{dataset.sample_ids[i]}: {one_line(exc)}")
             continue
         if (label.shape[1], label.shape[0]) != image_size:
             bad_sizes += 1

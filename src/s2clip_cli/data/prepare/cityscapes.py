@@ -31,19 +31,27 @@ LABELS: dict[str, tuple[int, int]] = {
     "bus": (28, 15), "caravan": (29, 255), "trailer": (30, 255), "train": (31, 16), "motorcycle": (32, 17),
     "bicycle": (33, 18), "license plate": (-1, -1),
 }
+# A gtFine polygons file is at most a few hundred KiB; filling costs time per point, so more is refused.
+MAX_POLYGONS_BYTES = 16 << 20
 IMAGE_SUFFIX, POLYGON_SUFFIX, LABEL_SUFFIX = "_leftImg8bit.png", "_gtFine_polygons.json", "_gtFine_labelTrainIds.png"
 
 
-def polygons_to_train_ids(doc: dict, where: str) -> Image.Image:
-    """The trainId label image of one parsed ``*_gtFine_polygons.json``."""
+def polygons_to_train_ids(doc: dict, where: str, size: tuple[int, int], image: str = "its image") -> Image.Image:
+    """The trainId label image of one parsed ``*_gtFine_polygons.json`` for an image of ``size``
+    (width, height). The canvas is the image's size: the file's own ``imgWidth``/``imgHeight`` must
+    equal it, and are checked before anything is allocated."""
     try:
         width, height = int(doc["imgWidth"]), int(doc["imgHeight"])
         objects = list(doc["objects"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise S2ClipError(f"{where}: not a Cityscapes polygons file (missing {one_line(exc)})") from None
-    label = Image.new("L", (width, height), LABELS["unlabeled"][1])
+    if (width, height) != tuple(size):
+        raise S2ClipError(f"{where} is for a {width}x{height} image but {image} is {size[0]}x{size[1]}")
+    label = Image.new("L", tuple(size), LABELS["unlabeled"][1])
     drawer = ImageDraw.Draw(label)
     for obj in objects:
+        if not isinstance(obj, dict):
+            raise S2ClipError(f"{where}: an object is {type(obj).__name__}, not a JSON object")
         name = str(obj.get("label", ""))
         if obj.get("deleted", 0):
             continue
@@ -55,8 +63,8 @@ def polygons_to_train_ids(doc: dict, where: str) -> Image.Image:
         if label_id < 0:
             continue
         try:
-            drawer.polygon([(p[0], p[1]) for p in obj["polygon"]], fill=train_id)
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            drawer.polygon([(float(p[0]), float(p[1])) for p in obj["polygon"]], fill=train_id)
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
             raise S2ClipError(f"{where}: cannot draw the polygon of a {name!r} object: {one_line(exc)}") from None
     return label
 
@@ -66,13 +74,12 @@ def convert(job: Job) -> dict[str, Payload]:
     image, polygons = job.inputs["image"], job.inputs["polygons"]
     size, image_payload = image_size(image)
     try:
-        doc = json.loads(read_blob(polygons))
-    except (ValueError, UnicodeDecodeError) as exc:
+        doc = json.loads(read_blob(polygons, MAX_POLYGONS_BYTES))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise S2ClipError(f"cannot parse {polygons.describe()}: {one_line(exc)}") from None
-    label = polygons_to_train_ids(doc, polygons.describe())
-    if label.size != size:
-        raise S2ClipError(f"{polygons.describe()} is for a {label.size[0]}x{label.size[1]} image but "
-                          f"{image.describe()} is {size[0]}x{size[1]}")
+    if not isinstance(doc, dict):
+        raise S2ClipError(f"{polygons.describe()}: not a Cityscapes polygons file (a JSON {type(doc).__name__})")
+    label = polygons_to_train_ids(doc, polygons.describe(), size, image.describe())
     buf = io.BytesIO()
     label.save(buf, format="PNG")
     return {job.outputs[0]: image_payload, job.outputs[1]: buf.getvalue()}

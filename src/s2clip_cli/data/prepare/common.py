@@ -9,17 +9,23 @@ to the output root, either encoded bytes or the input :class:`Blob` to copy unch
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
 
 from ...errors import S2ClipError, one_line
-from .archives import Blob, Container, DirHit, RawIndex, read_blob
+from ..untrusted import open_regular
+from .archives import Blob, Container, DirHit, RawIndex, check_readable, read_blob
 
 Payload = bytes | Blob
+# The most pixels an image or label of a benchmark sample may have (the largest, Cityscapes, has
+# 2048x1024): a header declaring more is refused before anything of that size is allocated.
+MAX_PIXELS = 8192 * 4096
+MAX_ID_LENGTH = 200
 
 
 @dataclass(frozen=True)
@@ -77,53 +83,90 @@ def _pattern_hint(pattern: str) -> str:
     return pattern.replace("[^/]+", "*").replace("\\d{12}", "<12 digits>").replace("\\.", ".")
 
 
+def plain_id(sample: str, where: str) -> str:
+    """``sample`` when it is a plain file name (or stem): not empty, no folder separator, not
+    hidden (so neither ``.`` nor ``..``), printable, at most ``MAX_ID_LENGTH`` characters. Anything
+    else — ``../../x``, ``/abs``, ``a/b`` — is an ``S2ClipError`` naming ``where`` and the id: an id
+    read from a download becomes a path in the output, and must stay a name in its folder."""
+    if (not sample or sample.startswith(".") or "/" in sample or "\\" in sample or not sample.isprintable()
+            or len(sample) > MAX_ID_LENGTH):
+        raise S2ClipError(f"{where}: id {sample!r} is not a plain file name (no folders, no leading '.', no "
+                          "control characters); refusing it")
+    return sample
+
+
 def pair_files(what: str, images: dict[str, Blob], labels: dict[str, Blob], image_hit: DirHit,
                label_hit: DirHit) -> list[tuple[str, Blob, Blob]]:
     """(key, image, label) for matching keys; an image without a label (or the reverse) is an error
-    naming the file."""
+    naming the file (and the archive, if it is truncated). Every part of every key (``city/stem``
+    for Cityscapes) must be a plain name (:func:`plain_id`)."""
+    for found in (images, labels):
+        for key, blob in found.items():
+            for part in key.split("/"):
+                plain_id(part, blob.describe())
     lonely_images = sorted(set(images) - set(labels))
     if lonely_images:
         more = f" (and {len(lonely_images) - 1} more)" if len(lonely_images) > 1 else ""
-        raise S2ClipError(f"{what}: image {images[lonely_images[0]].describe()} has no label in "
-                          f"{label_hit.where()}{more}")
+        raise label_hit.container.missing(f"{what}: image {images[lonely_images[0]].describe()} has no label in "
+                                          f"{label_hit.where()}{more}")
     lonely_labels = sorted(set(labels) - set(images))
     if lonely_labels:
         more = f" (and {len(lonely_labels) - 1} more)" if len(lonely_labels) > 1 else ""
-        raise S2ClipError(f"{what}: label {labels[lonely_labels[0]].describe()} has no image in "
-                          f"{image_hit.where()}{more}")
+        raise image_hit.container.missing(f"{what}: label {labels[lonely_labels[0]].describe()} has no image in "
+                                          f"{image_hit.where()}{more}")
     return [(key, images[key], labels[key]) for key in sorted(images)]
 
 
-def open_image_bytes(data: bytes, where: str) -> Image.Image:
+def _open_image(source: BinaryIO, where: str) -> Image.Image:
+    """Open an image (header only), refusing more than ``MAX_PIXELS``; Pillow's own bomb warning
+    becomes the same one-line error instead of a multi-line warning."""
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(source)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise S2ClipError(f"image {where} declares more pixels than a benchmark image can hold "
+                          f"({one_line(exc)}); refusing it") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise S2ClipError(f"cannot read image {where}: {one_line(exc)}") from None
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        img.close()
+        raise S2ClipError(f"image {where} declares {w}x{h} pixels, more than the {MAX_PIXELS} a benchmark image "
+                          "can hold (damaged or hostile file?); refusing it")
+    return img
+
+
+def open_image_bytes(data: bytes, where: str, modes: tuple[str, ...] | None = None) -> Image.Image:
+    """Decode an image from ``data``; with ``modes``, a header of another mode is refused before
+    any pixel is decoded."""
+    img = _open_image(io.BytesIO(data), where)
+    if modes is not None and img.mode not in modes:
+        img.close()
+        raise S2ClipError(f"label {where} is a {img.mode} image; expected an index PNG (mode {' or '.join(modes)})")
+    try:
         img.load()
         return img
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
         raise S2ClipError(f"cannot decode {where}: {one_line(exc)}") from None
 
 
 def image_size(blob: Blob) -> tuple[tuple[int, int], Payload]:
-    """(width, height) of an image input from its header, and the payload that copies it: the blob
-    itself for a plain file (linked or copied), else its bytes (already read)."""
-    try:
-        if blob.kind == "file":
-            with Image.open(blob.path) as img:
-                return img.size, blob
-        data = read_blob(blob)
-        with Image.open(io.BytesIO(data)) as img:
-            return img.size, data
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise S2ClipError(f"cannot read image {blob.describe()}: {one_line(exc)}") from None
+    """(width, height) of an image input from its header (at most ``MAX_PIXELS``), and the payload
+    that copies it: the blob itself for a plain file (linked or copied), else its bytes (already read)."""
+    if blob.kind == "file":  # the header only: a big image folder is linked, not read
+        check_readable(blob)
+        with open_regular(blob.path) as fh, _open_image(fh, blob.describe()) as img:
+            return img.size, blob
+    data = read_blob(blob)
+    with _open_image(io.BytesIO(data), blob.describe()) as img:
+        return img.size, data
 
 
 def read_index_label(blob: Blob, modes: tuple[str, ...] = ("P", "L")) -> tuple[np.ndarray, bytes]:
     """A label PNG's pixel values as stored (palette indices for ``P``, never colours) and its bytes."""
     data = read_blob(blob)
-    img = open_image_bytes(data, blob.describe())
-    if img.mode not in modes:
-        raise S2ClipError(f"label {blob.describe()} is a {img.mode} image; expected an index PNG "
-                          f"(mode {' or '.join(modes)})")
+    img = open_image_bytes(data, blob.describe(), modes)
     return np.asarray(img), data
 
 

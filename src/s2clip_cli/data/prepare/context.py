@@ -27,6 +27,7 @@ from .common import (
     find_one_dir,
     image_size,
     lines_file,
+    plain_id,
     source_entry,
 )
 from .rle import decode_rle
@@ -39,6 +40,9 @@ CONTEXT_IDS = (0, 2, 9, 18, 19, 22, 23, 25, 31, 33, 34, 44, 45, 46, 59, 65, 68, 
                347, 349, 354, 355, 360, 366, 368, 397, 415, 416, 420, 424, 427, 440, 445, 454, 458)
 LUT = np.full(460, -1, dtype=np.int16)
 LUT[list(CONTEXT_IDS)] = np.arange(len(CONTEXT_IDS))
+# The PASCAL in Detail JSON is one file of several hundred MB, read whole (as the reference does);
+# a member declaring more than this is refused before it is read.
+MAX_JSON_BYTES = 2 << 30
 
 
 def convert(job: Job) -> dict[str, Payload]:
@@ -49,11 +53,15 @@ def convert(job: Job) -> dict[str, Payload]:
     if size != (width, height):
         raise S2ClipError(f"image {image.describe()} is {size[0]}x{size[1]} but {json_where} says "
                           f"{width}x{height}")
-    canvas = np.zeros((height, width), dtype=np.int64)
+    canvas = np.zeros((height, width), dtype=np.int16)  # the image's size (at most MAX_PIXELS), checked above
     for ann_id, category, rle_size, counts in annotations:
         where = f"{json_where} (annotation {ann_id} of {file_name})"
+        if not 0 <= category < len(LUT):
+            raise S2ClipError(f"{json_where} (image {file_name}): raw value {category} cannot occur in Pascal "
+                              "Context's 60-class table (0 and the 59 class ids)")
         if list(rle_size) != [height, width]:
-            raise S2ClipError(f"{where}: RLE size {rle_size} differs from the image's [{height}, {width}]")
+            raise S2ClipError(f"{where}: RLE size {one_line(rle_size)[:40]} differs from the image's "
+                              f"[{height}, {width}]")
         canvas[decode_rle(counts, height, width, where)] = category
     label = apply_lut(canvas, LUT, f"{json_where} (image {file_name})",
                       "Pascal Context's 60-class table (0 and the 59 class ids)")
@@ -68,8 +76,8 @@ def _load_json(raw: RawIndex) -> tuple[dict[str, Any], Any]:
     box, name = found[0]
     blob = box.files[name]
     try:
-        data = json.loads(read_blob(blob))
-    except (ValueError, UnicodeDecodeError) as exc:
+        data = json.loads(read_blob(blob, MAX_JSON_BYTES))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise S2ClipError(f"cannot parse {blob.describe()}: {one_line(exc)} (truncated download?)") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("annos_segmentation"), list):
@@ -116,14 +124,17 @@ def plan(raw: RawIndex) -> Plan:
     del data
     hit = find_one_dir(raw, "context", "VOC2010/JPEGImages", r"[^/]+\.jpg",
                        "VOCtrainval_03-May-2010.tar or its extracted VOCdevkit/VOC2010/")
-    jobs, used, names = [], [], []
+    jobs, used, names, warnings = [], [], [], []
     for img in images:
-        file_name = img["file_name"]
+        file_name = plain_id(img["file_name"], f"{where}, image {img['image_id']}")
+        stem = PurePosixPath(file_name).stem
+        if stem in names:
+            warnings.append(f"{where} lists val image {file_name} more than once; prepared once")
+            continue
         blob = hit.files.get(file_name)
         if blob is None:
-            raise S2ClipError(f"context: {where} lists val image {file_name} but {hit.where()}/{file_name} "
-                              "is missing")
-        stem = PurePosixPath(file_name).stem
+            raise hit.container.missing(f"context: {where} lists val image {file_name} but {hit.where()}/{file_name} "
+                                        "is missing")
         names.append(stem)
         used.append(blob)
         params = (file_name, img["height"], img["width"], tuple(annotations.get(img["image_id"], ())), where)
@@ -133,5 +144,5 @@ def plan(raw: RawIndex) -> Plan:
                 "60 ids mapped to 0..59 (MMSeg pascal_context.py without detail)",
                 jobs, extras={VAL_LIST: lines_file(names)},
                 sources=[source_entry("VOC2010 JPEGImages", hit.container, used, hit.dir),
-                         source_entry(JSON_NAME, json_box, [json_blob])])
+                         source_entry(JSON_NAME, json_box, [json_blob])], warnings=warnings)
 

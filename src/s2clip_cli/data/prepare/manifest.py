@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,8 @@ def is_current(root: Path, record: FileRecord) -> bool:
     """True when ``record``'s file exists with the recorded size and hash."""
     path = root / record.rel
     try:
-        if path.stat().st_size != record.size:
+        st = path.lstat()  # a FIFO or a link put where an output was is redone, never read
+        if not stat.S_ISREG(st.st_mode) or st.st_size != record.size:
             return False
         return file_record(root, record.rel).sha256 == record.sha256
     except OSError:

@@ -32,7 +32,7 @@ from ...io.files import atomic_path, atomic_write_bytes, exclusive_lock, prepare
 from ..presets import get_preset
 from ..sources import default_data_root, source_for
 from . import ade20k, cityscapes, coco, context, voc
-from .archives import Blob, RawIndex, close_archives, read_blob, spill_compressed
+from .archives import Blob, RawIndex, check_readable, close_archives, read_blob, spill_compressed
 from .common import Job, Payload, Plan
 from .manifest import (
     FileRecord,
@@ -75,8 +75,25 @@ class PrepareSummary:
 
 
 # ------------------------------------------------------------------------------------------ one job
-def _write_output(root: Path, rel: str, payload: Payload) -> FileRecord:
+def output_path(root: Path, rel: str) -> Path:
+    """``root / rel``, the one way a preparation names a file it writes: ``rel`` must be a plain
+    relative path (no absolute path, no ``..``, ``.`` or empty part, no backslash) and must resolve
+    inside ``root`` even through links already in the output (``root/JPEGImages`` linked elsewhere).
+    Anything else is an ``S2ClipError``: a path read from a download never leaves the output folder."""
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or "\\" in rel or "\0" in rel or any(p in ("", ".", "..") for p in parts):
+        raise S2ClipError(f"refusing to write {rel!r}: not a plain relative path inside the output folder {root}")
     dest = root / rel
+    real_root = root.resolve()
+    parent = dest.parent.resolve()
+    if parent != real_root and real_root not in parent.parents:
+        raise S2ClipError(f"refusing to write {dest}: it leads to {parent / dest.name}, outside the output folder "
+                          f"{root}")
+    return dest
+
+
+def _write_output(root: Path, rel: str, payload: Payload) -> FileRecord:
+    dest = output_path(root, rel)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(payload, Blob):
         if payload.kind != "file":
@@ -179,6 +196,7 @@ def prepare(name: str, raw: str | Path, out: str | Path | None = None, *, worker
     index = RawIndex(raw)
     plan = PLANNERS[source.preparation](index)
     root = prepare_output_dir(out if out is not None else default_data_root(name))
+    _check_plan(plan, root)
     warnings = list(index.unreadable) + plan.warnings
     with _locked(root):
         known = load_records(root, plan.preparation)
@@ -211,6 +229,18 @@ def prepare(name: str, raw: str | Path, out: str | Path | None = None, *, worker
     report(total, total, "done")
     return PrepareSummary(name, plan.preparation, source.presets, root, manifest, total, len(pending), skipped,
                           source.official_val, plan.route, plan.sources, warnings)
+
+
+def _check_plan(plan: Plan, root: Path) -> None:
+    """Before anything is read or written: every output stays inside ``root`` and every input is a
+    readable regular file whose (declared) size a sample file can have."""
+    for job in plan.jobs:
+        for rel in job.outputs:
+            output_path(root, rel)
+        for blob in job.inputs.values():
+            check_readable(blob)
+    for rel in plan.extras:
+        output_path(root, rel)
 
 
 def _spilled(jobs: list[Job], spill: Path) -> list[Job]:
