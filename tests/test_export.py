@@ -439,3 +439,22 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(S2ClipError, match="without class names"):
         ExportSession(tmp_path, ["coco"], [], True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_image_outputs_name_only_per_image_files(tmp_path: Path) -> None:
+    assert ExportSession(tmp_path, ["coco", "labelstudio", "cvat"], CLASSES, True).image_outputs("a") == {}
+    outputs = ExportSession(tmp_path, ALL, CLASSES, True).image_outputs("a")
+    assert outputs == {"polygons": tmp_path / "a_polygons.json", "masks": tmp_path / "a_masks" / "index.json",
+                       "yolo": tmp_path / "yolo" / "labels" / "a.txt"}
+
+
+def test_masks_never_follow_a_symlinked_folder(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a_masks").symlink_to(elsewhere, target_is_directory=True)
+    session = ExportSession(out, ["masks"], CLASSES, True)
+    with pytest.raises(S2ClipError, match="not a folder"):
+        session.write_image(Path("a.jpg"), "a", _scene())
+    assert list(elsewhere.iterdir()) == []
