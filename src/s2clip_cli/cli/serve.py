@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from .common import (
     ClipOpt,
@@ -97,7 +98,7 @@ def serve(
 
     hint = missing_extra()
     if hint:
-        fail(hint)
+        fail(escape(hint))  # (rich markup would eat the "[serve]")
     from ..commands.serve import run_serve
     from ..commands.serve_service import ServeLimits, ServeSettings
     from ..models.factory import ModelPaths
