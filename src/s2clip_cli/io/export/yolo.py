@@ -21,8 +21,10 @@ def yolo_class_ids(classes: ClassTable) -> dict[int, int]:
 
 
 def yolo_lines(labels: np.ndarray, classes: ClassTable, tolerance: float) -> list[str]:
-    """One line per region's outer boundary (YOLO polygons have no holes; a region one or two
-    pixels in size, whose boundary has fewer than 3 vertices, is left out)."""
+    """One line per region's outer boundary, its vertices divided by the image's width and height.
+    YOLO polygons have no holes, and a region whose outline has fewer than 3 vertices (a pixel, a
+    straight one-pixel line) is left out, both as Ultralytics' ``convert_segment_masks_to_yolo_seg``
+    does."""
     height, width = labels.shape
     ids = yolo_class_ids(classes)
     lines = []
