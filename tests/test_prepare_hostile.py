@@ -547,3 +547,37 @@ def test_honest_samples_still_prepare_from_every_kind_of_source(tmp_path: Path) 
     assert run.code == 0, run.stdout + run.stderr
     assert run.peak_rss < GIB
 
+
+
+# ------------------------------------------------------------------------------ the output folder itself
+def test_planted_links_and_fifos_in_the_output_folder_are_not_followed(tmp_path: Path) -> None:
+    """Preparing in place (`-o` = `--from`, a raw folder extracted from someone's archive): a lock
+    file planted as a link is refused (it is opened for writing); a FIFO manifest is not read."""
+    raw = pack(ade20k_sample(), tmp_path / "raw", archives=False)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (raw / ".s2clip-data.lock").symlink_to(victim)
+    with deadline(), pytest.raises(S2ClipError, match=r"\.s2clip-data\.lock: it is a symbolic link"):
+        prepare("ade20k", raw, raw, workers=0)
+    assert victim.read_text() == "precious\n"
+    (raw / ".s2clip-data.lock").unlink()
+    os.mkfifo(raw / "s2clip-data.json")  # where the manifest goes: not read, replaced
+    with deadline():
+        summary = prepare("ade20k", raw, raw, workers=0)
+    assert summary.samples == 2 and (raw / "s2clip-data.json").is_file()
+
+
+def test_label_in_a_format_with_an_external_decoder_is_not_decoded(tmp_path: Path) -> None:
+    """A label that is really EPS (Pillow would hand it to Ghostscript to decode): only PNG labels
+    are opened."""
+    from PIL import Image
+
+    sample = ade20k_sample()
+    part, member = sample.member("validation/ADE_val_00000002.png")
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((5, 7), np.uint8)).save(buf, format="EPS")
+    part.members[member] = buf.getvalue()
+    raw = pack(sample, tmp_path / "raw", archives=True)
+    with pytest.raises(S2ClipError) as err:
+        prepare("ade20k", raw, tmp_path / "out", workers=0)
+    assert "ADE_val_00000002.png" in str(err.value) and "cannot identify image file" in str(err.value)

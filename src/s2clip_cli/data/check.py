@@ -85,7 +85,7 @@ def _read_image(path: Path, *, header_only: bool) -> Image.Image:
     try:
         with open_regular(path) as fh, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fh)
+            img = Image.open(fh, formats=None if header_only else ["PNG"])  # labels: never EPS & co.
             if header_only:
                 return img
             if img.mode not in ("L", "P"):

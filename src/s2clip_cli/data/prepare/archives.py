@@ -119,7 +119,8 @@ def read_blob(blob: Blob, limit: int = MAX_SAMPLE_BYTES) -> bytes:
                             return read_limited(src, limit, where)
             raise KeyError("member not found")
     except (OSError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, KeyError,
-            ValueError, zlib.error, lzma.LZMAError) as exc:
+            ValueError, zlib.error, lzma.LZMAError, RuntimeError, NotImplementedError) as exc:
+        # RuntimeError: an encrypted zip member; NotImplementedError: an unsupported compression
         raise S2ClipError(f"cannot read {where}: {one_line(exc)}") from None
     raise S2ClipError(f"cannot read {where}: unknown input kind {blob.kind!r}")
 

@@ -42,7 +42,9 @@ def polygons_to_train_ids(doc: dict, where: str, size: tuple[int, int], image: s
     equal it, and are checked before anything is allocated."""
     try:
         width, height = int(doc["imgWidth"]), int(doc["imgHeight"])
-        objects = list(doc["objects"])
+        objects = doc["objects"]
+        if not isinstance(objects, list):
+            raise TypeError("'objects' list")
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise S2ClipError(f"{where}: not a Cityscapes polygons file (missing {one_line(exc)})") from None
     if (width, height) != tuple(size):

@@ -117,13 +117,17 @@ def pair_files(what: str, images: dict[str, Blob], labels: dict[str, Blob], imag
     return [(key, images[key], labels[key]) for key in sorted(images)]
 
 
-def _open_image(source: BinaryIO, where: str) -> Image.Image:
-    """Open an image (header only), refusing more than ``MAX_PIXELS``; Pillow's own bomb warning
-    becomes the same one-line error instead of a multi-line warning."""
+IMAGE_FORMATS = ("JPEG", "PNG")  # what benchmark images are; never a format with an external decoder (EPS)
+LABEL_FORMATS = ("PNG",)
+
+
+def _open_image(source: BinaryIO, where: str, formats: tuple[str, ...] = IMAGE_FORMATS) -> Image.Image:
+    """Open an image (header only) of one of ``formats``, refusing more than ``MAX_PIXELS``; Pillow's
+    own bomb warning becomes the same one-line error instead of a multi-line warning."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(source)
+            img = Image.open(source, formats=list(formats))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise S2ClipError(f"image {where} declares more pixels than a benchmark image can hold "
                           f"({one_line(exc)}); refusing it") from None
@@ -140,7 +144,7 @@ def _open_image(source: BinaryIO, where: str) -> Image.Image:
 def open_image_bytes(data: bytes, where: str, modes: tuple[str, ...] | None = None) -> Image.Image:
     """Decode an image from ``data``; with ``modes``, a header of another mode is refused before
     any pixel is decoded."""
-    img = _open_image(io.BytesIO(data), where)
+    img = _open_image(io.BytesIO(data), where, LABEL_FORMATS if modes is not None else IMAGE_FORMATS)
     if modes is not None and img.mode not in modes:
         img.close()
         raise S2ClipError(f"label {where} is a {img.mode} image; expected an index PNG (mode {' or '.join(modes)})")

@@ -106,8 +106,11 @@ def _annotations(data: dict[str, Any], wanted: set[int], where: str) -> dict[int
             if image_id not in wanted:
                 continue
             seg = ann["segmentation"]
+            size = seg["size"]
+            if not isinstance(size, list) or len(size) != 2:
+                raise ValueError(f"'size' of 2 numbers (found {one_line(size)[:40]})")
             by_image.setdefault(image_id, []).append(
-                (ann.get("id"), int(ann["category_id"]), list(seg["size"]), seg["counts"]))
+                (ann.get("id"), int(ann["category_id"]), size, seg["counts"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise S2ClipError(f"{where}: annotation {one_line(ann)[:120]} lacks {one_line(exc)}") from None
     return by_image

@@ -20,6 +20,7 @@ from typing import Any
 from ...errors import S2ClipError
 from ...io.files import hash_file, write_json
 from ..sources import MANIFEST_NAME
+from ..untrusted import read_regular
 
 PROGRESS_NAME = ".s2clip-data-progress.json"
 FORMAT = 1
@@ -56,11 +57,14 @@ def is_current(root: Path, record: FileRecord) -> bool:
         return False
 
 
+MAX_MANIFEST_BYTES = 256 << 20  # COCO's 15000 outputs take about 2.5 MB
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # absent or unreadable: outputs are re-verified or redone
+    try:  # a regular file only (never blocks on a FIFO), of a bounded size
+        data = json.loads(read_regular(path, MAX_MANIFEST_BYTES).decode("utf-8"))
+    except (S2ClipError, ValueError, RecursionError):
+        return None  # absent, unreadable or not a file: outputs are re-verified or redone
     return data if isinstance(data, dict) else None
 
 

@@ -169,7 +169,13 @@ def _execute(jobs: list[Job], root: Path, workers: int, on_done: Callable[[list[
 
 
 def _locked(root: Path) -> AbstractContextManager[None]:
-    """One preparation at a time per output folder (a lock file left by a killed run does not block)."""
+    """One preparation at a time per output folder (a lock file left by a killed run does not block).
+    The lock file is opened for writing, so one planted as a link (a raw folder prepared in place)
+    is refused rather than followed."""
+    for name in (LOCK_NAME, SPILL_DIR):
+        if (root / name).is_symlink():
+            raise S2ClipError(f"refusing to use {root / name}: it is a symbolic link (to {(root / name).resolve()}); "
+                              "remove it")
     return exclusive_lock(root / LOCK_NAME, lambda pid: f"another `s2clip data prepare` (pid {pid}) is writing "
                           f"to {root}; wait for it to finish", remove=True)
 
