@@ -458,3 +458,11 @@ def test_masks_never_follow_a_symlinked_folder(tmp_path: Path) -> None:
     with pytest.raises(S2ClipError, match="not a folder"):
         session.write_image(Path("a.jpg"), "a", _scene())
     assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.int64, np.uint64])
+def test_any_integer_dtype_exports_the_same(tmp_path: Path, dtype: type) -> None:
+    scene = _scene()
+    written = _export(tmp_path, {"scene": scene.astype(dtype)}, ["coco", "cvat"])
+    np.testing.assert_array_equal(_coco_labels(COCO(str(written["coco"])), 1), scene)
+    assert len(ET.parse(written["cvat"]).getroot().find("image").findall("mask")) == 11

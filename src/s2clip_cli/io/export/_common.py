@@ -62,7 +62,8 @@ def check_xml_names(classes: ClassTable) -> None:
 
 
 def check_labels(labels: np.ndarray, num_classes: int, stem: str) -> np.ndarray:
-    """``labels`` as a C-contiguous 2-D ``intp`` array of class indices below ``num_classes``."""
+    """``labels`` as a C-contiguous 2-D integer array of class indices below ``num_classes`` (its own
+    dtype kept, so a photo-sized uint8 map is not copied to 8 bytes a pixel; uint64 becomes int64)."""
     if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be a 2-D integer array, got {labels.dtype} {labels.shape}")
     if labels.size:
@@ -70,7 +71,9 @@ def check_labels(labels: np.ndarray, num_classes: int, stem: str) -> np.ndarray:
         if low < 0 or high >= num_classes:
             bad = low if low < 0 else high
             raise S2ClipError(f"labels of {stem} hold class {bad}, outside the {num_classes} classes of this run")
-    return np.ascontiguousarray(labels, dtype=np.intp)
+    if labels.dtype.kind == "u" and labels.dtype.itemsize == 8:  # np.bincount casts to intp safely only
+        labels = labels.astype(np.int64)
+    return np.ascontiguousarray(labels)
 
 
 def class_file_names(class_names: list[str] | tuple[str, ...]) -> list[str]:
