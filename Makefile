@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.s2clip-installed
 
-.PHONY: install test test-floors demo lint bench clean
+.PHONY: install test test-floors test-browser demo lint bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,12 @@ test-floors: install
 	$(PY) -m pip install --quiet --no-deps --target $(FLOORS) $(FLOOR_PINS)
 	PYTHONPATH=$(FLOORS) $(PY) -c "import open_clip, timm; print('floors: open_clip', open_clip.__version__, 'timm', timm.__version__)"
 	PYTHONPATH=$(FLOORS) $(PY) -m pytest -p no:cacheprovider -W ignore::DeprecationWarning $(FLOOR_TESTS)
+
+# `s2clip serve`'s page in a real headless Chromium (Debian's packages; needs root for apt-get).
+test-browser: install
+	apt-get update && apt-get install -y chromium chromium-driver
+	$(PY) -m pip install --quiet selenium
+	$(PY) -m pytest tests/test_serve_browser.py -rs
 
 # Segments an example photo with real weights; without them, says in one line what to fetch.
 demo: install

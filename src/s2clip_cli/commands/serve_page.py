@@ -124,7 +124,8 @@ def build_page(service: SegmentService) -> gr.Blocks:
                 overlay = gr.Image(label="Overlay", type="pil", format="png", interactive=False, height=420,
                                    elem_id="s2clip-overlay")
                 status = gr.Markdown("", elem_id="s2clip-status")
-                shares = gr.Label(label="Pixel share per class", num_top_classes=12, elem_id="s2clip-shares")
+                shares = gr.Label(label="Pixel share per class", num_top_classes=12, show_heading=False,
+                                  elem_id="s2clip-shares")
                 with gr.Row():
                     mask_file = gr.File(label="Mask PNG", elem_id="s2clip-mask-file")
                     coco_file = gr.File(label="COCO JSON", elem_id="s2clip-coco-file")
