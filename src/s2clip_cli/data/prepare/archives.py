@@ -394,7 +394,7 @@ def spill_compressed(blobs: Iterable[Blob], dest: Path, limit: int = MAX_SAMPLE_
                     blob = wanted.get(info.name)
                     if blob is None or not info.isfile():
                         continue
-                    target = folder / f"{len(out):08d}-{blob.basename}"
+                    target = folder / f"{len(out):08d}-{blob.basename[-100:]}"  # a name, never a path
                     target.parent.mkdir(parents=True, exist_ok=True)
                     src = tf.extractfile(info)
                     assert src is not None

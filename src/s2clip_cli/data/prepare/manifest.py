@@ -57,7 +57,7 @@ def is_current(root: Path, record: FileRecord) -> bool:
         return False
 
 
-MAX_MANIFEST_BYTES = 256 << 20  # COCO's 15000 outputs take about 2.5 MB
+MAX_MANIFEST_BYTES = 16 << 20  # COCO's 15000 outputs take about 2.5 MB
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
