@@ -462,7 +462,7 @@ class Segmenter:
 
 def renormalized(probs: Tensor) -> Tensor:
     """NACLIP's last step: class probabilities ``[C, H, W]`` divided by their per-pixel sum (after
-    the max over each class's names the sum exceeds 1 wherever a class has several names)."""
+    the max over each class's names the sum falls below 1 wherever a class has several names)."""
     return probs / probs.sum(dim=0, keepdim=True)
 
 
