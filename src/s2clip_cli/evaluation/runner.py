@@ -234,7 +234,7 @@ def _evaluate(dataset: SegDataset, predict_fn: PredictFn, work_dir: Path, config
     ids = dataset.sample_ids if limit is None else dataset.sample_ids[:limit]
     # A preset's data may move; a custom dataset's folders are part of what is being evaluated.
     identity = {"config": config, "class_names": dataset.class_names,
-                "source": dataset.source if dataset.name == "custom" else None}
+                "source": dataset.source if dataset.name == "custom" else None, "numerics": 2}  # 2: lineage normalisation
     signature = RunSignature.create(dataset.name, k, identity)
     work_dir.mkdir(parents=True, exist_ok=True)
     preds_dir = work_dir / "preds"
