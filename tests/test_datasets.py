@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import struct
 import subprocess
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -215,3 +217,91 @@ def test_preset_class_name_override(tmp_path: Path) -> None:
     assert open_dataset("cityscapes", root, class_names=names).class_names == names
     with pytest.raises(S2ClipError, match="19 classes"):
         open_dataset("cityscapes", root, class_names=names[:3])
+
+
+# ------------------------------------------------------------------------------------ hostile files
+
+
+def test_an_id_listed_twice_is_kept_once_with_a_notice(tmp_path: Path) -> None:
+    root = write_synthetic_dataset("voc21", tmp_path / "VOC2012", n_images=3, size=(16, 16))
+    split = root / "ImageSets" / "Segmentation" / "val.txt"
+    ids = split.read_text().split()
+    split.write_text("\n".join([*ids, ids[0], ids[2], ids[0]]) + "\n")
+    ds = open_dataset("voc21", root)
+    assert ds.sample_ids == ids  # first occurrences, in order
+    assert len(ds.notices) == 1
+    notice = ds.notices[0]
+    assert str(split) in notice and "2 sample id(s) more than once" in notice and f"{ids[0]}, {ids[2]}" in notice
+    assert "(3 samples, not 6)" in notice
+    assert ds.head(1).notices == ds.notices  # kept through head/subset
+    clean = write_synthetic_dataset("voc21", tmp_path / "clean", n_images=3, size=(16, 16))
+    assert open_dataset("voc21", clean).notices == ()
+
+
+@pytest.mark.parametrize("bad_id", ["../../ESCAPED", "/etc/passwd", "a/../../b", "a\\..\\b", "x\x00y", "./x", "a//b"])
+def test_split_ids_that_are_not_plain_names_are_refused(tmp_path: Path, bad_id: str) -> None:
+    root = write_synthetic_dataset("voc21", tmp_path / "VOC2012", n_images=2, size=(16, 16))
+    split = root / "ImageSets" / "Segmentation" / "val.txt"
+    split.write_text(split.read_text() + bad_id + "\n")
+    with pytest.raises(S2ClipError, match="not a plain sample name") as info:
+        open_dataset("voc21", root)
+    assert str(split) in str(info.value) and "(id 3)" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_split_file_that_is_a_fifo_or_too_big_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import s2clip_cli.data.datasets as datasets
+
+    root = write_synthetic_dataset("voc21", tmp_path / "VOC2012", n_images=2, size=(16, 16))
+    split = root / "ImageSets" / "Segmentation" / "val.txt"
+    monkeypatch.setattr(datasets, "SPLIT_MAX_BYTES", 10)
+    with pytest.raises(S2ClipError, match=r"val\.txt is \d+ bytes; a split list is at most 10"):
+        open_dataset("voc21", root)
+    split.unlink()
+    os.mkfifo(split)  # reading it would block forever
+    with pytest.raises(S2ClipError, match="val.txt"):
+        open_dataset("voc21", root)
+    split.unlink()
+    split.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(S2ClipError, match=r"cannot read .*val\.txt"):
+        open_dataset("voc21", root)
+
+
+def test_masks_without_an_image_are_named_in_a_notice(tmp_path: Path) -> None:
+    paths = write_synthetic_generic(tmp_path / "gen", n_images=2, num_classes=3)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(paths.masks / "stray.png")
+    ds = open_dataset("custom", None, images=paths.images, masks=paths.masks, class_names=paths.class_names)
+    assert len(ds) == 2 and len(ds.notices) == 1
+    assert "1 of 3 masks in" in ds.notices[0] and "stray.png" in ds.notices[0] and str(paths.masks) in ds.notices[0]
+
+
+def test_class_name_file_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+    import os
+
+    paths = write_synthetic_generic(tmp_path / "gen", n_images=1, num_classes=3)
+    fifo = tmp_path / "classes.txt"
+    os.mkfifo(fifo)
+    for names in (fifo, Path("/dev/zero")):
+        with pytest.raises(S2ClipError, match="is not a regular file"):
+            open_dataset("custom", None, images=paths.images, masks=paths.masks, class_names=names)
+    with pytest.raises(S2ClipError, match="not a regular file"):
+        parse_class_list(f"@{fifo}")
+
+
+def test_hostile_label_files_are_one_line_errors_naming_the_file(tmp_path: Path) -> None:
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(good)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:60])
+    bomb = tmp_path / "bomb.png"  # 60 bytes declaring 400 Mpx: over PIL's decompression-bomb limit
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+    for path, reason in ((truncated, "cannot read label"), (bomb, "too large to be a label map")):
+        with pytest.raises(S2ClipError, match=reason) as info:
+            read_label(path, False)
+        assert str(path) in str(info.value) and "\n" not in str(info.value)

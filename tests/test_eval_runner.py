@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -204,3 +205,65 @@ def test_custom_dataset_run_and_folder_identity(tmp_path: Path) -> None:
     with pytest.raises(S2ClipError, match="another configuration"):  # same stems, other folders
         evaluate(ds_b, lambda img, _id: np.zeros(img.shape[:2], int), work_dir=tmp_path / "w", config={},
                  num_workers=0)
+
+
+# ------------------------------------------------------------------------------------ hostile work dirs
+
+
+def _line(obj: dict) -> bytes:
+    """A record line with a valid checksum (what a hostile or buggy writer could produce)."""
+    payload = json.dumps(obj, separators=(",", ":")).encode()
+    return b"%08x " % zlib.crc32(payload) + payload + b"\n"
+
+
+@pytest.mark.parametrize("signature", [["voc21", 21], "x", None, {"dataset": "voc21", "num_classes": "many"}])
+def test_a_damaged_header_with_a_valid_checksum_is_one_line(tmp_path: Path, signature: object) -> None:
+    sig = RunSignature.create("voc21", 21, {"a": 1})
+    path = tmp_path / "records" / "rank-00000.jsonl"
+    path.parent.mkdir()
+    path.write_bytes(_line({"kind": "s2clip-eval-records", "version": 1, "signature": signature}))
+    with pytest.raises(S2ClipError, match="new --work-dir") as info:
+        RecordLog(path, sig)
+    assert str(path.parent.parent) in str(info.value) or str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_records_with_lying_values_are_treated_as_damaged(voc_root: Path, expected_conf: np.ndarray,
+                                                          tmp_path: Path) -> None:
+    ds = open_dataset("voc21", voc_root)
+    work = tmp_path / "run"
+    evaluate(ds, colour_predict, work_dir=work, config=CONFIG, limit=1, num_workers=0)
+    first = ds.sample_ids[1]
+    with open(rank_log_path(work, 0), "ab") as fh:  # checksums are right, the values are not
+        fh.write(_line({"id": first, "i": [0], "c": [1 << 62]}))  # would overflow the sums
+    res = evaluate(ds, colour_predict, work_dir=work, config=CONFIG, num_workers=0)
+    assert res["timings"]["images_this_run"] == N_IMAGES - 1  # the lying record was redone
+    np.testing.assert_array_equal(np.load(work / "confusion.npy"), expected_conf)
+    for bogus in ({"id": "x", "i": [0.5], "c": [1]}, {"id": "x", "i": ["0"], "c": [1]}, {"id": "x", "i": [0], "c": [True]}):
+        path = tmp_path / f"r{len(bogus)}.jsonl"
+        sig = RunSignature.create("voc21", 21, CONFIG)
+        with RecordLog(path, sig) as log:
+            log.append("good", np.eye(21, dtype=np.int64))
+        with open(path, "ab") as fh:
+            fh.write(_line(bogus))
+        assert RecordLog(path, sig, writable=False).done_ids() == {"good"}
+
+
+def test_record_files_that_are_not_regular_files_are_refused(voc_root: Path, tmp_path: Path) -> None:
+    ds = open_dataset("voc21", voc_root)
+    work = tmp_path / "run"
+    rank_log_path(work, 0).parent.mkdir(parents=True)
+    os.mkfifo(rank_log_path(work, 0))  # reading it would block forever
+    with pytest.raises(S2ClipError, match="is not a regular file") as info:
+        evaluate(ds, colour_predict, work_dir=work, config=CONFIG, limit=1, num_workers=0)
+    assert "rank-00000.jsonl" in str(info.value)
+    rank_log_path(work, 0).unlink()
+    rank_log_path(work, 0).symlink_to("/dev/zero")  # reading it would never end
+    with pytest.raises(S2ClipError, match="is not a regular file"):
+        evaluate(ds, colour_predict, work_dir=work, config=CONFIG, limit=1, num_workers=0)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "records").write_text("not a folder")
+    with pytest.raises(S2ClipError, match="records") as info:
+        evaluate(ds, colour_predict, work_dir=other, config=CONFIG, limit=1, num_workers=0)
+    assert "\n" not in str(info.value) and (other / "records").read_text() == "not a folder"

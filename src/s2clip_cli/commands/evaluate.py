@@ -4,6 +4,7 @@ into its own sub-folder and writes one comparison table."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
@@ -20,7 +21,7 @@ from ..data.presets import CUSTOM, PRESETS
 from ..data.sources import default_data_root, prepare_command
 from ..errors import S2ClipError
 from ..evaluation.distributed import DistContext
-from ..evaluation.runner import evaluate
+from ..evaluation.runner import evaluate, lock_work_dirs
 from ..io.files import atomic_write_text, write_json
 from ..methods import TABLE_HEADERS, get_method
 from ..models.factory import LoadedModels, load_models, prefetch_weights, resolve_device
@@ -164,11 +165,13 @@ def run_eval(dataset_names: list[str], data_root: Path | None, base: SegmenterCo
              images: Path | None = None, masks: Path | None = None, class_names: Path | None = None,
              reduce_zero_label: bool = False, console: Console | None = None,
              record_config: dict[str, Any] | None = None, explicit: dict[str, Any] | None = None,
-             strict: bool = True, pool: ModelPool | None = None) -> list[dict[str, Any]]:
+             strict: bool = True, pool: ModelPool | None = None, locked: bool = False) -> list[dict[str, Any]]:
     """Evaluate `base.method` on each dataset; returns each dataset's results dict.
 
     Each dataset's configuration is the method's protocol on its preset (`commands.methods`) with
-    the options in `explicit` (given by the user) on top."""
+    the options in `explicit` (given by the user) on top. The work dirs are locked once the inputs
+    are checked and before any weights are fetched or models built, so a work dir in use is refused
+    at once (``locked``: the caller holds them, `run_eval_methods`)."""
     console = console or Console(stderr=True)
     device = str(resolve_device(base.device))
     ctx = DistContext.from_env(device)
@@ -178,16 +181,40 @@ def run_eval(dataset_names: list[str], data_root: Path | None, base: SegmenterCo
         base = dataclasses.replace(base, device=device)
         datasets = open_datasets(dataset_names, data_root, images=images, masks=masks, class_names=class_names,
                                  reduce_zero_label=reduce_zero_label)
+        for _, ds in datasets:
+            if ctx.is_main:
+                for notice in ds.notices:
+                    console.print(f"[bold yellow]warning:[/] {notice}", highlight=False, soft_wrap=True)
         configs = [method_config(base, base.method, ds.preset, explicit, strict=strict) for _, ds in datasets]
+        locks = contextlib.ExitStack() if locked else lock_work_dirs(dataset_work_dirs(work_dir, dataset_names), ctx)
+        return _run_eval(ctx, datasets, configs, locks, work_dir=work_dir, limit=limit, save_preds=save_preds,
+                         num_workers=num_workers, console=console, record_config=record_config, pool=pool,
+                         device=device)
+    finally:
+        ctx.close()
+
+
+def dataset_work_dirs(work_dir: Path, dataset_names: list[str]) -> list[Path]:
+    """Where each dataset's records and results go: ``work_dir`` itself, or with several datasets
+    ``work_dir/<dataset>``."""
+    return [work_dir / name for name in dataset_names] if len(dataset_names) > 1 else [work_dir]
+
+
+def _run_eval(ctx: DistContext, datasets: list[tuple[str, SegDataset]], configs: list[SegmenterConfig],
+              locks: contextlib.ExitStack, *, work_dir: Path, limit: int | None, save_preds: bool,
+              num_workers: int, console: Console, record_config: dict[str, Any] | None, pool: ModelPool | None,
+              device: str) -> list[dict[str, Any]]:
+    """`run_eval` once the inputs are checked and the work dirs locked (released on return)."""
+    with locks:
         first = configs[0]
         # Under several ranks, rank 0 fetches the weights while the others wait.
         prefetch_weights(first.clip, first.vfm if get_method(first.method).vfm else None, first.sam,
                          sd_name=SD_MODEL if first.sd else None,
                          mode=first.models, paths=first.weights, offline=first.offline, group=ctx)
-        many = len(datasets) > 1
+        out_dirs = dataset_work_dirs(work_dir, [name for name, _ in datasets])
         models = None
         results = []
-        for (name, ds), cfg in zip(datasets, configs, strict=True):
+        for (name, ds), cfg, out_dir in zip(datasets, configs, out_dirs, strict=True):
             mismatch = official_count_mismatch(name, len(ds)) if name != CUSTOM else None
             if mismatch and ctx.is_main:
                 console.print(f"[bold yellow]warning:[/] {mismatch}", highlight=False)
@@ -206,14 +233,11 @@ def run_eval(dataset_names: list[str], data_root: Path | None, base: SegmenterCo
             def predict(image: np.ndarray, image_id: str, seg: Segmenter = seg, use_sam: bool = use_sam) -> np.ndarray:
                 return seg(image, refine=use_sam).labels
 
-            out_dir = work_dir / name if many else work_dir
             settings = {**run_config(cfg, seg), "dataset_warning": mismatch}
             results.append(evaluate(ds, predict, work_dir=out_dir, config=settings, limit=limit,
                                     save_preds=save_preds, num_workers=num_workers, console=console,
-                                    dist=ctx, device=device, options=record_config))
+                                    dist=ctx, device=device, options=record_config, locked=True))
         return results
-    finally:
-        ctx.close()
 
 
 def run_eval_methods(methods: list[str], dataset_names: list[str], data_root: Path | None, base: SegmenterConfig,
@@ -226,12 +250,18 @@ def run_eval_methods(methods: list[str], dataset_names: list[str], data_root: Pa
     console = console or Console(stderr=True)
     pool = ModelPool()
     by_method: dict[str, list[dict[str, Any]]] = {}
-    for method in methods:
-        console.print(f"[bold]method {method}[/]", highlight=False)
-        record = {**(record_config or {}), "method": method}
-        by_method[method] = run_eval(dataset_names, data_root, dataclasses.replace(base, method=method),
-                                     work_dir=work_dir / method, record_config=record, console=console,
-                                     strict=False, pool=pool, **kwargs)
+    dirs = [d for method in methods for d in dataset_work_dirs(work_dir / method, dataset_names)]
+    ctx = DistContext.from_env(str(resolve_device(base.device)))  # (each run_eval joins this group)
+    try:
+        with lock_work_dirs(dirs, ctx):  # every method's folders, before any model is built
+            for method in methods:
+                console.print(f"[bold]method {method}[/]", highlight=False)
+                record = {**(record_config or {}), "method": method}
+                by_method[method] = run_eval(dataset_names, data_root, dataclasses.replace(base, method=method),
+                                             work_dir=work_dir / method, record_config=record, console=console,
+                                             strict=False, pool=pool, locked=True, **kwargs)
+    finally:
+        ctx.close()
     if int(os.environ.get("RANK", "0")) == 0:
         write_comparison(work_dir, dataset_names, by_method)
     return by_method

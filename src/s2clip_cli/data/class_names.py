@@ -15,6 +15,7 @@ queries "bed" both as a background stuff name and as a class).
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
@@ -60,8 +61,21 @@ def parse_class_lines(lines: Iterable[str], source: str, *, strict: bool = True)
     return classes
 
 
+CLASS_FILE_MAX_BYTES = 4 << 20  # LVIS's 1203 classes with synonyms are ~60 KB
+
+
 def _read_text(path: Path) -> str:
+    """A class-name file's text: a regular file (a FIFO would block, a device never end) of at most
+    `CLASS_FILE_MAX_BYTES`."""
     try:
+        st = path.stat()
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(st.st_mode):
+            raise S2ClipError(f"class-name file {path} is not a regular file")
+        if st.st_size > CLASS_FILE_MAX_BYTES:
+            raise S2ClipError(f"class-name file {path} is {st.st_size} bytes; a class list is at most "
+                              f"{CLASS_FILE_MAX_BYTES}")
         return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise S2ClipError(f"class-name file {path} does not exist") from None

@@ -14,6 +14,8 @@ Labels are returned with the preset's mapping applied (reduce-zero-label: 0 -> 2
 
 from __future__ import annotations
 
+import stat
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,12 +23,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import S2ClipError
+from ..errors import S2ClipError, one_line
 from ..io.images import IMAGE_SUFFIXES, read_image
 from .class_names import display_names, preset_class_names, read_class_file
 from .presets import CUSTOM, PRESETS, DatasetPreset, Layout, custom_preset
 
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+SPLIT_MAX_BYTES = 16 << 20  # the largest real split list (COCO's ids) is ~100 KB
 _SHOW_MISSING = 5
 
 
@@ -55,8 +58,10 @@ def read_label(path: str | Path, reduce_zero_label: bool) -> np.ndarray:
                 raise S2ClipError(f"label {path} is a {img.mode} image; expected a single-channel index map "
                                   "(one class index per pixel, 255 = ignore)")
             label = np.asarray(img)
-    except OSError as exc:
-        raise S2ClipError(f"cannot read label {path}: {exc}") from None
+    except Image.DecompressionBombError as exc:
+        raise S2ClipError(f"label {path} is too large to be a label map ({one_line(exc)})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # (PIL's decoders raise all of these)
+        raise S2ClipError(f"cannot read label {path}: {one_line(exc) or type(exc).__name__}") from None
     label = label.astype(np.uint8) if label.dtype in (np.bool_, np.uint8) else label.astype(np.int64)
     if reduce_zero_label:  # mmseg: gt[gt == 0] = 255; gt = gt - 1; gt[gt == 254] = 255
         label = label.copy()
@@ -83,6 +88,7 @@ class SegDataset:
     samples: list[Sample]
     root: Path | None = None
     source: str = ""  # where the files come from (custom: the resolved images and masks folders)
+    notices: tuple[str, ...] = ()  # what the user should know about the files (one line each, for a warning)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -165,21 +171,56 @@ def _missing_files_error(name: str, root: Path, missing: list[Path], total: int)
     return S2ClipError(f"{name}: {len(missing)} of {total} samples under {root} lack files: {shown}{more}")
 
 
-def _split_samples(name: str, root: Path, layout: Layout) -> list[Sample]:
+def _read_split(name: str, split: Path) -> list[str]:
+    """The ids a split file lists (one per line, blank lines skipped): a regular file of at most
+    `SPLIT_MAX_BYTES`, UTF-8, each id a plain relative name (no absolute path, ``..``, backslash or
+    control character): `S2ClipError` naming the file (and the id) otherwise."""
+    try:
+        st = split.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise S2ClipError(f"{name}: {split} is not a regular file")
+        if st.st_size > SPLIT_MAX_BYTES:
+            raise S2ClipError(f"{name}: {split} is {st.st_size} bytes; a split list is at most {SPLIT_MAX_BYTES}")
+        with open(split, "rb") as fh:
+            text = fh.read(SPLIT_MAX_BYTES + 1).decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else one_line(exc)
+        raise S2ClipError(f"{name}: cannot read {split}: {reason}") from None
+    ids = [line.strip() for line in text.splitlines() if line.strip()]
+    for lineno, sample_id in enumerate(ids, start=1):
+        if not _plain_id(sample_id):
+            raise S2ClipError(f"{name}: {split} lists {sample_id[:80]!r} (id {lineno}), which is not a plain "
+                              "sample name (absolute paths, '..', backslashes and control characters are refused)")
+    return ids
+
+
+def _plain_id(sample_id: str) -> bool:
+    """A relative name that stays under the folder it is joined to."""
+    if sample_id.startswith("/") or "\\" in sample_id or any(ord(c) < 32 or ord(c) == 127 for c in sample_id):
+        return False
+    return all(part not in ("", ".", "..") for part in sample_id.split("/"))
+
+
+def _split_samples(name: str, root: Path, layout: Layout) -> tuple[list[Sample], list[str]]:
+    """The samples a split file lists, and notices (ids listed more than once are kept once)."""
     assert layout.split_file is not None
     split = root / layout.split_file
-    try:
-        ids = [line.strip() for line in split.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise S2ClipError(f"{name}: cannot read {split}: {exc}") from None
-    if not ids:
+    listed = _read_split(name, split)
+    if not listed:
         raise S2ClipError(f"{name}: {split} lists no sample ids")
+    ids = list(dict.fromkeys(listed))  # first occurrence, in order
+    notices = []
+    if len(ids) < len(listed):
+        repeated = [i for i, n in Counter(listed).items() if n > 1]
+        notices.append(f"{name}: {split} lists {len(repeated)} sample id(s) more than once "
+                       f"({', '.join(repeated[:_SHOW_MISSING])}{' ...' if len(repeated) > _SHOW_MISSING else ''}); "
+                       f"each is evaluated once ({len(ids)} samples, not {len(listed)})")
     samples = [Sample(i, root / layout.img_dir / f"{i}{layout.img_suffix}",
                       root / layout.ann_dir / f"{i}{layout.seg_suffix}") for i in ids]
     missing = [p for s in samples for p in (s.image, s.label) if not p.is_file()]
     if missing:
         raise _missing_files_error(name, root, missing, len(samples))
-    return samples
+    return samples, notices
 
 
 def _scan_samples(name: str, root: Path, layout: Layout) -> list[Sample]:
@@ -223,9 +264,15 @@ def _open_custom(images: Path, masks: Path, class_names: str | Path | list[list[
         raise S2ClipError(f"custom dataset: {len(missing)} of {len(imgs)} images have no mask of the same name "
                           f"({'/'.join(MASK_SUFFIXES)}) in {masks}: {', '.join(missing[:_SHOW_MISSING])}{more}")
     samples = [Sample(stem, path, labels[stem]) for stem, path in imgs.items()]
+    notices = []
+    orphans = [labels[stem].name for stem in labels if stem not in imgs]
+    if orphans:
+        more = f" and {len(orphans) - _SHOW_MISSING} more" if len(orphans) > _SHOW_MISSING else ""
+        notices.append(f"custom dataset: {len(orphans)} of {len(labels)} masks in {masks} have no image of the same "
+                       f"name in {images} and are not evaluated: {', '.join(orphans[:_SHOW_MISSING])}{more}")
     preset = custom_preset(len(classes), reduce_zero_label=reduce_zero_label)
     source = f"images={Path(images).expanduser().resolve()} masks={Path(masks).expanduser().resolve()}"
-    return SegDataset(CUSTOM, preset, classes, samples, None, source)
+    return SegDataset(CUSTOM, preset, classes, samples, None, source, tuple(notices))
 
 
 def open_dataset(name: str | None, data_root: Path | str | None, *, images: Path | str | None = None,
@@ -253,7 +300,8 @@ def open_dataset(name: str | None, data_root: Path | str | None, *, images: Path
     layout = preset.layout
     root = Path(data_root).expanduser()
     _check_layout(name, root, layout)
-    samples = _split_samples(name, root, layout) if layout.split_file else _scan_samples(name, root, layout)
+    samples, notices = (_split_samples(name, root, layout) if layout.split_file
+                        else (_scan_samples(name, root, layout), []))
     if class_names is None:
         classes = preset_class_names(name)
     else:
@@ -261,4 +309,4 @@ def open_dataset(name: str | None, data_root: Path | str | None, *, images: Path
         if len(classes) != preset.num_classes:
             raise S2ClipError(f"{name} has {preset.num_classes} classes but the class names given have "
                               f"{len(classes)}")
-    return SegDataset(name, preset, classes, samples, root, str(root.resolve())).head(limit)
+    return SegDataset(name, preset, classes, samples, root, str(root.resolve()), tuple(notices)).head(limit)

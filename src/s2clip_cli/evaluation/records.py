@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -32,6 +33,7 @@ from ..errors import S2ClipError
 KIND = "s2clip-eval-records"
 VERSION = 1
 Sparse = tuple[np.ndarray, np.ndarray]  # (flat indices, counts), both int64
+MAX_COUNT = 1 << 40  # pixels of one image in one cell: more is a damaged record (sums stay far from overflow)
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -79,15 +81,20 @@ def _parse_record(obj: dict[str, Any], kk: int) -> tuple[str, Sparse] | None:
     image_id, idx, cnt = obj.get("id"), obj.get("i"), obj.get("c")
     if not isinstance(image_id, str) or not isinstance(idx, list) or not isinstance(cnt, list):
         return None
-    if len(idx) != len(cnt):
+    if len(idx) != len(cnt) or not all(type(v) is int for v in (*idx, *cnt)):
         return None
     try:
         idx_a, cnt_a = np.asarray(idx, dtype=np.int64), np.asarray(cnt, dtype=np.int64)
     except (TypeError, ValueError, OverflowError):
         return None
-    if idx_a.ndim != 1 or (idx_a.size and (idx_a.min() < 0 or idx_a.max() >= kk or cnt_a.min() < 0)):
+    if idx_a.ndim != 1 or (idx_a.size and (idx_a.min() < 0 or idx_a.max() >= kk or cnt_a.min() < 0
+                                           or cnt_a.max() > MAX_COUNT)):
         return None
     return image_id, (idx_a, cnt_a)
+
+
+def _int_or_zero(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _fsync_dir(path: Path) -> None:
@@ -114,7 +121,11 @@ class RecordLog:
         self._fh: Any = None
         valid_end, size = self._load()
         if writable:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise S2ClipError(f"cannot create the records folder {self.path.parent}: "
+                                  f"{exc.strerror or exc}; use a new --work-dir") from None
             if valid_end == 0:
                 self._write_header()
             elif valid_end < size:  # drop a partial or corrupt tail before appending after it
@@ -128,11 +139,17 @@ class RecordLog:
     def _load(self) -> tuple[int, int]:
         """Parse the file; return (end of the valid prefix, file size). 0 means "no valid header"."""
         try:
-            data = self.path.read_bytes()
+            st = self.path.stat()
         except FileNotFoundError:
             return 0, 0
         except OSError as exc:
-            raise S2ClipError(f"cannot read evaluation records {self.path}: {exc}") from None
+            raise S2ClipError(f"cannot read evaluation records {self.path}: {exc.strerror or exc}") from None
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block, a device never end
+            raise S2ClipError(f"evaluation records {self.path} is not a regular file; use a new --work-dir")
+        try:
+            data = self.path.read_bytes()
+        except OSError as exc:
+            raise S2ClipError(f"cannot read evaluation records {self.path}: {exc.strerror or exc}") from None
         kk = self.signature.num_classes ** 2
         pos = 0
         while True:
@@ -156,9 +173,11 @@ class RecordLog:
         if obj.get("kind") != KIND or obj.get("version") != VERSION:
             raise S2ClipError(f"{self.path} is not an s2clip evaluation record file (version {VERSION}); "
                               "use a new --work-dir")
-        stored = obj.get("signature") or {}
+        stored = obj.get("signature")
         if stored != asdict(self.signature):
-            theirs = RunSignature(str(stored.get("dataset")), int(stored.get("num_classes") or 0),
+            if not isinstance(stored, dict):
+                raise S2ClipError(f"{self.path} has a damaged header (no run signature); use a new --work-dir")
+            theirs = RunSignature(str(stored.get("dataset")), _int_or_zero(stored.get("num_classes")),
                                   str(stored.get("config_hash")))
             raise S2ClipError(f"work dir {self.path.parent.parent} holds results of another configuration "
                               f"({theirs.describe()}; this run: {self.signature.describe()}); "

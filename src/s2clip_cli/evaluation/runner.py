@@ -23,7 +23,7 @@ import json
 import math
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -36,7 +36,7 @@ from PIL import Image
 
 from ..data.datasets import SegDataset, label_colours
 from ..errors import S2ClipError
-from ..io.files import atomic_write_bytes, exclusive_lock
+from ..io.files import atomic_write_bytes, exclusive_lock, prepare_output_dir
 from ..io.images import read_image
 from .distributed import DistContext, LostContact, PeerFailure, check_points
 from .metrics import confusion_matrix, summarize
@@ -161,10 +161,27 @@ def work_dir_lock(work_dir: Path) -> contextlib.AbstractContextManager[None]:
                           f"eval (pid {pid}); wait for it to finish or use another --work-dir")
 
 
+def lock_work_dirs(work_dirs: Sequence[Path], ctx: DistContext) -> contextlib.ExitStack:
+    """Rank 0 takes the lock of every work dir in `work_dirs` (`work_dir_lock`) and every rank learns
+    whether it got them (`S2ClipError` at once on rank 0, `PeerFailure` on the others, when a live
+    run holds one). Returns the stack holding them: close it (or use it as a context manager) to
+    release. A driver calls this before it builds any model, then passes ``locked=True`` to
+    `evaluate`."""
+    stack = contextlib.ExitStack()
+    try:
+        _agreed(ctx, lambda: [stack.enter_context(work_dir_lock(prepare_output_dir(d))) for d in work_dirs]
+                if ctx.is_main else None)
+    except BaseException:
+        stack.close()
+        raise
+    return stack
+
+
 def evaluate(dataset: SegDataset, predict_fn: PredictFn, *, work_dir: Path, config: dict[str, Any],
              limit: int | None = None, save_preds: bool = False, num_workers: int = 2, console: Any = None,
              dist: DistContext | None = None, device: str = "cpu", reader: Reader | None = None,
-             check_every: int = CHECK_EVERY, options: dict[str, Any] | None = None) -> dict[str, Any]:
+             check_every: int = CHECK_EVERY, options: dict[str, Any] | None = None,
+             locked: bool = False) -> dict[str, Any]:
     """Evaluate ``predict_fn`` on the first ``limit`` samples of ``dataset``; return the results dict.
 
     ``options``, when given (the CLI's options as `--config` takes them back), is written as the
@@ -179,7 +196,8 @@ def evaluate(dataset: SegDataset, predict_fn: PredictFn, *, work_dir: Path, conf
     (only for images predicted in this run). Every rank returns the same dict; rank 0 also writes
     ``results.json``, ``results.md`` and ``confusion.npy`` (rows = ground truth) atomically.
 
-    Rank 0 holds ``work_dir``'s lock for the run (a second run on it is refused at once). Under
+    Rank 0 holds ``work_dir``'s lock for the run (a second run on it is refused at once); ``locked``:
+    the caller holds it already (`lock_work_dirs`, taken before the models were built). Under
     several ranks, every ``check_every`` images the ranks exchange a failure flag: when one rank
     raises, every rank raises (`distributed.PeerFailure` on the others) within two check intervals.
     """
@@ -193,7 +211,8 @@ def evaluate(dataset: SegDataset, predict_fn: PredictFn, *, work_dir: Path, conf
     try:
         with contextlib.ExitStack() as stack:
             # Only rank 0 locks; every rank learns whether it got the lock before going on.
-            _agreed(ctx, lambda: stack.enter_context(work_dir_lock(work_dir)) if ctx.is_main else None)
+            if not locked:
+                stack.enter_context(lock_work_dirs([work_dir], ctx))
             return _evaluate(dataset, predict_fn, work_dir, config, limit, save_preds, num_workers, console,
                              ctx, reader or read_image, check_every, options)
     finally:
