@@ -9,24 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import S2ClipError, first_line, one_line
-from .serve_service import RequestError, SegmentService, decode_image, mask_png, outcome_json
+from .serve_service import RequestError, SegmentOutcome, SegmentService, mask_png, outcome_json
 
 FIELDS = ("image", "classes", "background", "no_background", "method", "sam", "sd", "precision")
 FORM_OVERHEAD = 64 * 2**10  # multipart boundaries and the text fields, on top of the image
 FIELD_BYTES = 16 * 2**10  # one text field
 FORMATS = ("json", "png")
+
+
+def _png_answer(outcome: SegmentOutcome) -> tuple[bytes, list[str]]:
+    return mask_png(outcome), outcome.classes
+
+
+ANSWERS: dict[str, Callable[[SegmentOutcome], Any]] = {"json": outcome_json, "png": _png_answer}
 
 
 def error_response(status: int, message: str) -> JSONResponse:
@@ -166,18 +173,17 @@ def create_app(service: SegmentService) -> FastAPI:
                     raise RequestError(f"image: the upload is over {limits.max_upload_bytes / 2**20:g} MB", 413)
             finally:
                 await upload.close()
-            image = await run_in_threadpool(decode_image, data, upload.filename, limits.max_pixels)
-            outcome = await asyncio.wrap_future(service.submit(image, req))
+            # Decoding, segmenting and the answer run on the worker: one hand-off per request.
+            answer = await asyncio.wrap_future(service.submit_upload(data, upload.filename, req, ANSWERS[fmt]))
         except RequestError as exc:
             return error_response(exc.status, str(exc))
         except S2ClipError as exc:  # e.g. a precision this device cannot run
             return error_response(400, str(exc))
         if fmt == "png":
-            body = await run_in_threadpool(mask_png, outcome)
-            classes = json.dumps(outcome.classes, ensure_ascii=True)
-            return Response(body, media_type="image/png", headers={"X-S2clip-Classes": classes})
-        record = await run_in_threadpool(outcome_json, outcome)
-        record["timings_s"]["total"] = round(loop.time() - started, 4)
-        return JSONResponse(record)
+            body, classes = answer
+            return Response(body, media_type="image/png",
+                            headers={"X-S2clip-Classes": json.dumps(classes, ensure_ascii=True)})
+        answer["timings_s"]["total"] = round(loop.time() - started, 4)
+        return JSONResponse(answer)
 
     return app

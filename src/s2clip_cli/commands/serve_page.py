@@ -16,6 +16,7 @@ from typing import Any
 import gradio as gr
 
 from ..config import PRECISIONS
+from ..errors import S2ClipError, one_line
 from ..io.files import atomic_write_bytes, atomic_write_text
 from ..io.outputs import render_overlay
 from .serve_service import RequestError, SegmentService, coco_document, decode_image, mask_png
@@ -80,8 +81,8 @@ def build_page(service: SegmentService) -> gr.Blocks:
                 raise RequestError(f"image: over {service.limits.max_upload_bytes / 2**20:g} MB")
             image = decode_image(path.read_bytes(), path.name, service.limits.max_pixels)
             outcome = service.segment(image, request)
-        except RequestError as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
+        except S2ClipError as exc:  # RequestError included: one line in the page's error toast
+            raise gr.Error(one_line(exc), print_exception=False) from None
         overlay = render_overlay(outcome.image, outcome.labels, outcome.classes, outcome.palette)
         folder = downloads.new_folder()
         stem = _stem(image_path)

@@ -315,13 +315,13 @@ class SegmentService:
         return seg
 
     def _run(self, image: np.ndarray, request: SegmentRequest, queued_at: float) -> SegmentOutcome:
-        started = time.perf_counter()
+        waited = time.perf_counter() - queued_at
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             seg = self.segmenter(request)
             result = seg(image)
         timings = {k: round(v, 4) for k, v in result.timings.items()}
-        timings["queue"] = round(started - queued_at, 4)
+        timings["queue"] = round(waited, 4)
         return SegmentOutcome(image=image, labels=result.labels, classes=seg.queries.labels,
                               class_names=seg.queries.class_names, has_background=seg.queries.has_background,
                               run=run_record(seg), timings=timings, random_models=seg.models.is_random)
@@ -329,6 +329,20 @@ class SegmentService:
     def submit(self, image: np.ndarray, request: SegmentRequest) -> Future[SegmentOutcome]:
         """Queue a segmentation on the worker thread; `RequestError` 503 when the queue is full."""
         return self._submit(self._run, image, request, time.perf_counter())
+
+    def submit_upload(self, data: bytes, filename: str | None, request: SegmentRequest,
+                      answer: Callable[[SegmentOutcome], T]) -> Future[T]:
+        """Queue an uploaded image: decoded (`decode_image`), segmented and turned into `answer`'s
+        result on the worker thread, one hand-off per request; `RequestError` 503 when the queue
+        is full, and the future raises `decode_image`'s `RequestError`s."""
+        return self._submit(self._run_upload, data, filename, request, answer, time.perf_counter())
+
+    def _run_upload(self, data: bytes, filename: str | None, request: SegmentRequest,
+                    answer: Callable[[SegmentOutcome], T], queued_at: float) -> T:
+        waited = time.perf_counter() - queued_at
+        image = decode_image(data, filename, self.limits.max_pixels)
+        outcome = self._run(image, request, time.perf_counter() - waited)
+        return answer(outcome)
 
     def _submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         if not self._slots.acquire(blocking=False):
@@ -375,14 +389,19 @@ def outcome_json(outcome: SegmentOutcome) -> dict[str, Any]:
 
     labels = outcome.labels
     counts = np.bincount(labels.ravel(), minlength=len(outcome.classes)) if labels.size else []
-    masks = [{"class": name, "label": index, "area": int(counts[index]), "rle": encode_rle(labels == index)}
+    # Column-major (as COCO RLE runs) and narrow once: each class's mask is then a uint8 view that
+    # pycocotools encodes without another copy.
+    narrow = np.asfortranarray(labels, dtype=np.uint8 if len(outcome.classes) <= 256 else np.int32)
+    masks = [{"class": name, "label": index, "area": int(counts[index]),
+              "rle": encode_rle((narrow == index).view(np.uint8))}
              for index, name in enumerate(outcome.classes) if labels.size and counts[index] > 0]
     record: dict[str, Any] = {
         "size": [int(labels.shape[0]), int(labels.shape[1])],
         "classes": outcome.classes,
         "class_names": outcome.class_names,
         "has_background": outcome.has_background,
-        "pixel_share": outcome.shares,
+        "pixel_share": {name: round(float(counts[i]) / labels.size, 6) if labels.size else 0.0
+                        for i, name in enumerate(outcome.classes)},
         "masks": masks,
         "run": outcome.run,
         "timings_s": outcome.timings,
