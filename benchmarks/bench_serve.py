@@ -136,7 +136,7 @@ def main() -> None:
     thread.join(timeout=10)
     service.close()
 
-    table = Table(title=f"s2clip serve: overhead over the segmenter call, --models tiny, CPU, no SAM, "
+    table = Table(title=f"s2clip serve: time added over segment's decode + segmenter call, --models tiny, CPU, no SAM, "
                         f"median of {args.repeats}")
     for col in ("image", "answer", "client", "segment compute ms", "serving overhead ms", "worst ms", "< 50 ms"):
         table.add_column(col, justify="right")
