@@ -315,3 +315,20 @@ def test_cityscapes_halves(tiny_sam) -> None:
         halves.append(apply_guidance(guidance, map_half, valid))
     assert torch.allclose(out, torch.cat(halves, dim=-1), atol=1e-6)
     assert not torch.allclose(halves[0], halves[1])
+
+
+def test_the_threshold_is_computed_in_tridents_order_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The threshold is a hard cut on the very cosines it is the mean of: it must be Trident's float32
+    value (full cosine matrix, mean over heads, then over keys), whatever the row chunking."""
+    from s2clip_cli.pipeline import trident as trident_mod
+
+    gen = torch.Generator().manual_seed(11)
+    heads, m, d = 4, 300, 16
+    v = F.normalize(torch.randn(heads, m, d, generator=gen), dim=-1)
+    sim = torch.einsum("b h m c, b h n c -> b h m n", v[None], v[None])
+    expected = sim.mean(dim=1, keepdim=True).mean(dim=-1, keepdim=True)[0, 0, :, 0]
+    for rows in (256, 7, 300):  # two uneven chunks, many small ones, one
+        monkeypatch.setattr(trident_mod, "THRESHOLD_ROWS", rows)
+        assert torch.equal(trident_mod._mean_value_cosine(v), expected)
+    shortcut = torch.einsum("hmd,hd->hm", v, v.mean(dim=1)).mean(dim=0)  # equal in exact arithmetic only
+    torch.testing.assert_close(shortcut, expected, rtol=0, atol=1e-6)

@@ -10,7 +10,9 @@ full-image token map, then mixes the tokens once more with an attention matrix r
    cropped to the valid area (queries and keys; no renormalisation yet).
 3. Per query ``m``: threshold ``t_m = cos_fac · mean over heads and valid keys of cos(v_hm, v_hn)``;
    with ``refine_neg_cos=False`` a negative ``t_m`` becomes 0.6; then ``t_m`` is capped at 0.9.
-   An entry ``(h, m, n)`` is kept where ``cos(v_hm, v_hn) > t_m`` (strictly), else zeroed.
+   An entry ``(h, m, n)`` is kept where ``cos(v_hm, v_hn) > t_m`` (strictly), else zeroed. The
+   mean is taken in Trident's order (cosine matrix, mean over heads, then over keys), so the float32
+   threshold is Trident's and no entry on the cut flips (`_mean_value_cosine`).
 4. Mean over heads, rows renormalised to sum to 1: the guidance ``A`` ``[M, M]``.
 5. The spliced CLIP map ``[D, h, w]`` (out_proj already applied, before ``ln_post``) is resized
    bilinearly (align_corners=False) to the valid grid and mixed: ``out[:, m] = Σ_n A[m, n]·x[:, n]``.
@@ -87,6 +89,23 @@ def _crop_square(attn: Tensor, grid: tuple[int, int], valid: tuple[int, int]) ->
     return attn.reshape(*grid, *grid)[:gh, :gw, :gh, :gw].reshape(gh * gw, gh * gw)
 
 
+THRESHOLD_ROWS = 256  # query rows per chunk of the threshold's cosine matrix (memory: heads x 256 x M)
+
+
+def _mean_value_cosine(v: Tensor) -> Tensor:
+    """``[M]``: per query m, the mean over heads and keys of ``cos(v_hm, v_hn)`` for unit values
+    ``v`` ``[heads, M, d]``, computed as Trident's ``get_sam_sim`` does — the full cosine matrix
+    (``einsum``), its mean over heads, then over keys — a chunk of query rows at a time. The order
+    matters: the result is a hard threshold on those very cosines, so another summation order (the
+    cheaper ``mean_h v̂_hm · mean_n v̂_hn``) moves it by rounding and flips the entries that sit on
+    it. Row chunks give the same float32 values as Trident's single einsum."""
+    rows = []
+    for start in range(0, v.shape[1], THRESHOLD_ROWS):
+        sim = torch.einsum("hmc,hnc->hmn", v[:, start:start + THRESHOLD_ROWS], v)  # [heads, r, M]
+        rows.append(sim.mean(dim=0).mean(dim=-1))
+    return torch.cat(rows)
+
+
 def guidance_from_attention(
     head_attention: Iterable[Tensor] | Tensor,
     values: Tensor,
@@ -104,9 +123,7 @@ def guidance_from_attention(
     m = gh * gw
     with torch.autocast(device_type=values.device.type, enabled=False):
         v = F.normalize(values[:, :gh, :gw].float().reshape(heads, m, -1), dim=-1)  # [heads, M, d]
-        # Mean over heads and keys of cos(v_hm, v_hn) = mean_h v̂_hm · mean_n v̂_hn.
-        row_mean = torch.einsum("hmd,hd->hm", v, v.mean(dim=1)).mean(dim=0)  # [M]
-        thresh = cos_fac * row_mean
+        thresh = cos_fac * _mean_value_cosine(v)
         if not refine_neg_cos:
             thresh = torch.where(thresh < 0.0, torch.full_like(thresh, NEGATIVE_THRESHOLD_REPLACEMENT), thresh)
         thresh = thresh.clamp(max=MAX_THRESHOLD)[:, None]
