@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.markup import escape
+from rich.text import Text
 
 from .common import (
     ClipOpt,
@@ -24,7 +24,6 @@ from .common import (
     WeightsOpt,
     WindowBatchOpt,
     console,
-    fail,
     parse_layers,
     user_errors,
     value,
@@ -97,8 +96,9 @@ def serve(
     from ..commands.serve import missing_extra
 
     hint = missing_extra()
-    if hint:
-        fail(escape(hint))  # (rich markup would eat the "[serve]")
+    if hint:  # as `fail` prints, but as plain Text: markup would eat the "[serve]"
+        console.print(Text.assemble(("error:", "bold red"), " ", hint), highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
     from ..commands.serve import run_serve
     from ..commands.serve_service import ServeLimits, ServeSettings
     from ..models.factory import ModelPaths
