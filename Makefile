@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.s2clip-installed
 
-.PHONY: install test test-floors test-browser demo lint bench clean
+.PHONY: install test test-slow test-floors test-browser demo lint bench clean
 
 install: $(STAMP)
 
@@ -12,8 +12,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,serve]'
 	touch $(STAMP)
 
+# make test: everything but the slow end-to-end cases (tests/conftest.py SLOW_TESTS), ~10 minutes on
+# 2 cores; make test-slow: only those; .ci/run runs both.
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -m slow
 
 # The model-loading and pipeline tests against the lowest open_clip and timm that pyproject admits
 # (torch stays the installed one), so that a dependency floor that lies fails CI.

@@ -26,3 +26,27 @@ def _seed() -> None:
     import torch
 
     torch.manual_seed(0)
+
+
+# The slow end-to-end cases: `make test` deselects them (`-m "not slow"`) to stay within ~10 minutes on
+# a 2-core machine; `make test-slow` runs only them, and `.ci/run` runs both, so CI still runs everything.
+# One list, with the time each took on a loaded 2-core machine, so it is reviewed as a whole.
+SLOW_TESTS: tuple[str, ...] = (
+    "test_eval_cli.py::test_torchrun_two_processes_match_single",  # 36 s: two torchrun processes
+    "test_eval_cli.py::test_eval_writes_results_and_resumes",  # 33 s: three eval runs
+    "test_cluster.py::test_weights_are_downloaded_once_while_the_other_rank_waits",  # 33 s: two ranks
+    "test_cluster.py::test_a_rank_that_dies_stops_every_rank_promptly",  # 14 s: two ranks
+    "test_cluster.py::test_a_rank_that_raises_stops_every_rank_promptly",  # 14 s: two ranks
+    "test_default_data.py::test_eval_reads_the_default_data_folder",  # 22 s: eval end to end
+    "test_config_file.py::test_a_results_config_block_repeats_the_run",  # 20 s: segment twice
+    "test_config_file.py::test_eval_results_config_block_resumes_the_same_run",  # 16 s: eval twice
+    "test_clip_path.py::test_stream_at_336_uses_resampled_embedding",  # 17 s: full-size ViT-B/16
+    "test_clip_path.py::test_every_residual_stream_equals_forward_intermediates",  # 10 s: full-size ViT-B/16
+    "test_attention.py::test_every_strategy_runs_under_cpu_autocast",  # 2 x 10 s: full-size, every strategy
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.nodeid.split("[")[0].removeprefix("tests/") in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)

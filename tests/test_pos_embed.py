@@ -82,6 +82,14 @@ def smooth_embedding(n_side: int, dim: int, seed: int = 0) -> torch.Tensor:
     return torch.cat([torch.randn(1, dim, generator=gen), grid[0].flatten(1).T], dim=0)
 
 
+def assert_same_resampling(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    """Same formula: equal to float32 rounding. The transcriptions reshape and permute in their own
+    order, so the bicubic kernel may see another memory layout and sum in another order on another
+    CPU; 1e-6 relative is four orders of magnitude below the 1-3 % that a different formula (timm's
+    antialiased resize, another scale factor) moves the embedding."""
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize(("native", "target"), [(14, (21, 21)), (14, (14, 14)), (28, (42, 42)), (37, (24, 24)),
                                                  (14, (21, 28))])
 def test_helper_equals_each_lineage_formula_on_square_windows_and_matches_height_first(native, target) -> None:
@@ -94,10 +102,10 @@ def test_helper_equals_each_lineage_formula_on_square_windows_and_matches_height
         ref_dino = dino_hub(pos[None], gh * gw, gh * patch, gw * patch, patch)[0]
         ref_dinov2 = dinov2_hub(pos[None], gh * gw, gh * patch, gw * patch, patch)[0]
         for ref in (ref_clip, ref_dino, ref_dinov2):
-            assert torch.equal(ours, ref)
+            assert_same_resampling(ours, ref)
     else:  # non-square: the hubs take x.shape = (B, C, H, W) as (.., w, h), i.e. height first, as we do
         ref = dinov2_hub(pos[None], gh * gw, gh * patch, gw * patch, patch)[0]
-        assert torch.equal(ours, ref)
+        assert_same_resampling(ours, ref)
 
 
 def test_lineage_resampling_differs_from_timms_antialiased_resize() -> None:
@@ -115,8 +123,8 @@ def test_clip_backbone_uses_the_lineage_embedding() -> None:
     clip = ClipBackbone(build_clip(clip_spec("ViT-B/16"), weights=None), "ViT-B/16", "ViT-B-16")
     pos = clip.visual.positional_embedding.detach()
     ref = proxyclip_clip(pos, 1 + 21 * 21, 336, 336, 16)
-    assert torch.equal(clip.positional_embedding((21, 21)), ref)
-    assert torch.equal(clip.positional_embedding((14, 14)), pos)
+    assert_same_resampling(clip.positional_embedding((21, 21)), ref)
+    assert torch.equal(clip.positional_embedding((14, 14)), pos)  # the native grid is returned as it is
 
 
 @pytest.mark.parametrize(("name", "hub"), [("dino_vitb8", dino_hub), ("dinov2_vitb14", dinov2_hub),

@@ -189,7 +189,9 @@ def test_three_d_mask_prompt_quirk(sam) -> None:
         quirky = class_dense_embeddings(sam, mask)[0]
         _, proper = sam.prompt_encoder(points=None, boxes=None, masks=mask[None])
         _, reference_dense = sam.prompt_encoder(points=None, boxes=torch.zeros(1, 4), masks=mask)
-    assert torch.equal(quirky, reference_dense)
+    # vmap runs the classes as one batched convolution, the reference one at a time: other kernels,
+    # so float32 agreement (the quirk itself moves values by > 1e-3, a thousand times more).
+    torch.testing.assert_close(quirky, reference_dense, rtol=1e-5, atol=1e-6)
     assert (quirky - proper[0]).abs().max() > 1e-3
 
 
