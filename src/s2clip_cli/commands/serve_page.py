@@ -101,7 +101,7 @@ def build_page(service: SegmentService) -> gr.Blocks:
     def method_changed(method: str) -> Any:
         return gr.update(value=bool(info[method]["sam_default"]) and service.sam_loaded)
 
-    with gr.Blocks(title="s2clip", delete_cache=(3600, 3600)) as page:
+    with gr.Blocks(title="s2clip", delete_cache=(3600, 3600), analytics_enabled=False) as page:
         gr.Markdown(INTRO, elem_id="s2clip-header")
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
