@@ -114,11 +114,12 @@ def test_corrupt_checkpoint_is_a_clear_error(weights_dir: Path, tmp_path: Path) 
     spec = vfm_spec("dino_vits16")
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(S2ClipError, match="cannot load dino_vits16 weights"):
+    with pytest.raises(S2ClipError, match=f"dino_vits16 checkpoint {bad} is not a checkpoint"):
         build_vfm(spec, weights=bad)
     wrong = tmp_path / "wrong.safetensors"
     save_file({"foo": torch.zeros(2)}, str(wrong))
-    with pytest.raises(S2ClipError, match="cannot load CLIP weights"):
+    with pytest.raises(S2ClipError, match=f"CLIP ViT-B/16 checkpoint {wrong} does not match the CLIP ViT-B/16 "
+                       r"architecture \(Missing key"):
         build_clip(clip_spec("ViT-B/16"), weights=wrong)
 
 

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
@@ -39,7 +40,7 @@ class OneLineErrors(TyperGroup):
             hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
             message = one_line(exc.format_message()).replace("Value error, ", "")
             if message:  # (empty after `s2clip` alone has printed the help)
-                console.print(f"[bold red]error:[/] {message}{hint}", highlight=False, soft_wrap=True)
+                console.print(f"[bold red]error:[/] {escape(message + hint)}", highlight=False, soft_wrap=True)
             code = getattr(exc, "exit_code", 2)
         except typer.Abort:
             console.print("[bold red]error:[/] interrupted", highlight=False)

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.exceptions import TyperException
 
 from ..config import PRECISIONS
@@ -30,7 +31,7 @@ out = Console()
 
 def fail(message: str, code: int = 2) -> None:
     """One red line on stderr, then exit with `code`."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -62,7 +63,7 @@ def warn_random(mode: str) -> None:
     if mode != "real":
         from ..models.factory import random_warning
 
-        console.print(f"[bold yellow]warning:[/] {random_warning(mode)}", highlight=False)
+        console.print(f"[bold yellow]warning:[/] {random_warning(mode)}", highlight=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------- choices

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..data.check import official_count_mismatch
@@ -184,7 +185,7 @@ def run_eval(dataset_names: list[str], data_root: Path | None, base: SegmenterCo
         for _, ds in datasets:
             if ctx.is_main:
                 for notice in ds.notices:
-                    console.print(f"[bold yellow]warning:[/] {notice}", highlight=False, soft_wrap=True)
+                    console.print(f"[bold yellow]warning:[/] {escape(notice)}", highlight=False, soft_wrap=True)
         configs = [method_config(base, base.method, ds.preset, explicit, strict=strict) for _, ds in datasets]
         locks = contextlib.ExitStack() if locked else lock_work_dirs(dataset_work_dirs(work_dir, dataset_names), ctx)
         return _run_eval(ctx, datasets, configs, locks, work_dir=work_dir, limit=limit, save_preds=save_preds,
@@ -217,7 +218,7 @@ def _run_eval(ctx: DistContext, datasets: list[tuple[str, SegDataset]], configs:
         for (name, ds), cfg, out_dir in zip(datasets, configs, out_dirs, strict=True):
             mismatch = official_count_mismatch(name, len(ds)) if name != CUSTOM else None
             if mismatch and ctx.is_main:
-                console.print(f"[bold yellow]warning:[/] {mismatch}", highlight=False)
+                console.print(f"[bold yellow]warning:[/] {escape(mismatch)}", highlight=False, soft_wrap=True)
             variant = method_class_names(cfg.method, ds.preset)
             if variant is not None:  # the method's own class-name file (e.g. ClearCLIP's 'background')
                 ds = dataclasses.replace(ds, class_names=variant)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import S2ClipError
@@ -47,8 +48,8 @@ def run_verify(names: list[str] | None, out: Console, console: Console) -> int:
     for spec in specs:
         try:
             path = verify_spec(spec)
-            out.print(f"[green]ok[/]   {spec.name}: {path}")
+            out.print(f"[green]ok[/]   {spec.name}: {escape(str(path))}", soft_wrap=True)
         except S2ClipError as exc:
             bad += 1
-            console.print(f"[red]fail[/] {spec.name}: {exc}", highlight=False)
+            console.print(f"[red]fail[/] {spec.name}: {escape(str(exc))}", highlight=False, soft_wrap=True)
     return bad

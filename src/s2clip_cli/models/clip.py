@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..errors import S2ClipError, first_line
 from .pos_embed import resample_pos_embed
 from .registry import ModelSpec
+from .weights import checkpoint_damage, checkpoint_error
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -59,10 +60,16 @@ def build_clip(spec: ModelSpec, *, weights: str | Path | None, tiny: bool = Fals
             model = open_clip.create_model(arch, pretrained=None)
         finally:
             logging.disable(logging.NOTSET)
-        if weights is not None:
-            open_clip.load_checkpoint(model, str(weights), strict=True, weights_only=True)
     except (RuntimeError, ValueError, KeyError, OSError) as exc:
-        raise S2ClipError(f"cannot load CLIP weights {weights} for {spec.name}: {first_line(exc)}") from None
+        raise S2ClipError(f"cannot build CLIP {spec.name}: {first_line(exc)}") from None
+    if weights is not None:
+        damage = checkpoint_damage(weights)  # (also: a FIFO or device is refused before anything reads it)
+        if damage is not None:
+            raise S2ClipError(f"CLIP {spec.name} checkpoint {weights} {damage}")
+        try:
+            open_clip.load_checkpoint(model, str(weights), strict=True, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a truncated, corrupt or foreign file: one line naming it
+            raise checkpoint_error(weights, exc, f"CLIP {spec.name}") from None
     return model.eval()
 
 

@@ -14,6 +14,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from ..errors import S2ClipError
+from .weights import checkpoint_damage, checkpoint_error
 
 SAM_VARIANTS = ("vit_b", "vit_l", "vit_h")
 
@@ -80,21 +81,21 @@ def _assemble(image_encoder: ImageEncoderViT) -> Sam:
 def _load_checkpoint(sam: Sam, checkpoint: str | Path) -> None:
     """Load a segment-anything state dict strictly; any failure names the file."""
     path = Path(checkpoint)
-    if not path.is_file():
+    if not path.exists():
         raise S2ClipError(f"SAM checkpoint {path} does not exist")
+    damage = checkpoint_damage(path)  # (also: a FIFO or device is refused before anything reads it)
+    if damage is not None:
+        raise S2ClipError(f"SAM checkpoint {path} {damage}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, pickle that is not plain tensors, ...
-        raise S2ClipError(f"could not read SAM checkpoint {path}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - corrupt file, pickle that is not plain tensors, ...
+        raise checkpoint_error(path, exc, "SAM") from None
     if not isinstance(state, dict):
-        raise S2ClipError(f"SAM checkpoint {path} does not hold a state dict")
+        raise S2ClipError(f"SAM checkpoint {path} does not hold a state dict (it holds {type(state).__name__})")
     try:
         sam.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        raise S2ClipError(
-            f"SAM checkpoint {path} does not match the architecture being built: {first_line}"
-        ) from exc
+    except Exception as exc:  # noqa: BLE001 - wrong keys or shapes, or values that are not tensors
+        raise checkpoint_error(path, exc, "SAM") from None
 
 
 def build_sam(variant: str = "vit_b", *, tiny: bool = False, checkpoint: str | Path | None = None) -> Sam:

@@ -43,6 +43,7 @@ SD_SPEC = SD_SPECS["sd21_base"]
 DOWNLOAD_COMMAND = f"s2clip models download {SD_SPEC.name}"
 SUBFOLDERS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 SEED = 0
+MAX_TRAIN_TIMESTEPS = 100_000  # SD uses 1000
 
 REAL_IMAGE_SIZE = 512  # CLIPer feeds SD 512×512 images → 64×64 latent → 4096 tokens
 TINY_IMAGE_SIZE = 128  # → 16×16 latent → 256 tokens
@@ -406,6 +407,36 @@ def _variant(subfolder: Path, stem: str, dtype: torch.dtype) -> str | None:
     return "fp16" if half and (not full or dtype == torch.float16) else None
 
 
+def _damaged_weight_file(folder: Path, dtype: torch.dtype) -> tuple[Path, str] | None:
+    """The first weight file that loading `folder` reads and that is truncated or not a checkpoint
+    (`weights.checkpoint_damage`), with what is wrong with it; None when they all look intact."""
+    for sub, stem in _WEIGHT_STEMS.items():
+        variant = _variant(folder / sub, stem, dtype)
+        path = folder / sub / f"{stem}{'.' + variant if variant else ''}.safetensors"
+        damage = weights.checkpoint_damage(path)
+        if damage is not None:
+            return path, damage
+    return None
+
+
+def _read_scheduler_config(path: Path) -> dict[str, Any]:
+    """The scheduler's JSON config (a small regular file holding an object), or `S2ClipError` naming it."""
+    try:
+        if not path.is_file() or path.stat().st_size > 1 << 20:
+            raise S2ClipError(f"Stable Diffusion scheduler config {path} is not a small regular file")
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise S2ClipError(one_line(f"Stable Diffusion scheduler config {path} is not valid JSON "
+                                   f"({type(exc).__name__}: {str(exc)[:200]})")) from None
+    if not isinstance(config, dict):
+        raise S2ClipError(f"Stable Diffusion scheduler config {path} holds no JSON object")
+    steps = config.get("num_train_timesteps", 1000)  # sizes the scheduler's tables: checked before allocating
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_TRAIN_TIMESTEPS:
+        raise S2ClipError(f"Stable Diffusion scheduler config {path}: num_train_timesteps {steps!r} is not an "
+                          f"integer in 1..{MAX_TRAIN_TIMESTEPS}")
+    return config
+
+
 def load_components(folder: Path, dtype: torch.dtype = torch.float32) -> tuple[SDComponents, Any]:
     """Load a diffusers SD folder (safetensors, local files only): components and tokenizer."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -425,10 +456,13 @@ def load_components(folder: Path, dtype: torch.dtype = torch.float32) -> tuple[S
             folder, subfolder="text_encoder", **common,
             variant=_variant(folder / "text_encoder", _WEIGHT_STEMS["text_encoder"], dtype))
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
-        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        scheduler_config = _read_scheduler_config(folder / "scheduler" / "scheduler_config.json")
     except S2ClipError:
         raise
     except Exception as exc:  # noqa: BLE001 - corrupt or mismatched files of every kind
+        damaged = _damaged_weight_file(folder, dtype)
+        if damaged is not None:
+            raise S2ClipError(f"Stable Diffusion checkpoint {damaged[0]} {damaged[1]}") from None
         raise S2ClipError(one_line(f"could not load Stable Diffusion from {folder}: {type(exc).__name__}: "
                                    f"{str(exc)[:300]}")) from None
     return SDComponents(vae=vae, unet=unet, text_encoder=text_encoder,

@@ -18,9 +18,10 @@ from timm.models import load_state_dict
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import Tensor, nn
 
-from ..errors import S2ClipError, first_line
+from ..errors import S2ClipError
 from .pos_embed import resample_pos_embed
 from .registry import ModelSpec
+from .weights import checkpoint_damage, checkpoint_error
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -108,6 +109,9 @@ def build_timm_vit(spec: ModelSpec, *, weights: str | Path | None, tiny: bool = 
     kwargs = dict(TINY_VIT_KWARGS) if tiny else {}
     model = timm.create_model(spec.arch, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
     if weights is not None:
+        damage = checkpoint_damage(weights)  # (also: a FIFO or device is refused before anything reads it)
+        if damage is not None:
+            raise S2ClipError(f"{spec.name} checkpoint {weights} {damage}")
         try:
             state = load_state_dict(str(weights), weights_only=True)
             state = checkpoint_filter_fn(state, model)
@@ -120,7 +124,7 @@ def build_timm_vit(spec: ModelSpec, *, weights: str | Path | None, tiny: bool = 
                 )
             model.load_state_dict(state, strict=True)
         except Exception as exc:  # noqa: BLE001 - every failure is a bad checkpoint for the user
-            raise S2ClipError(f"cannot load {spec.name} weights {weights}: {first_line(exc)}") from None
+            raise checkpoint_error(weights, exc, spec.name) from None
     return model.eval()
 
 

@@ -29,12 +29,16 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
+import stat
+import struct
 import urllib.request
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from ..errors import S2ClipError, one_line
 from ..io.files import atomic_path, atomic_write_text, hash_file
@@ -285,23 +289,117 @@ def check_name_digest(path: str | Path, name: str | None = None) -> bool:
     return True
 
 
+# ---------------------------------------------------------------------------------------- damaged files
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6 (a zip of data.pkl + tensor records)
+_PICKLE_PROTO = 0x80  # the legacy torch.save format starts with a pickle protocol opcode
+_SAFETENSORS_HEADER_MAX = 100 << 20  # the safetensors library refuses bigger headers too
+
+
+def _safetensors_damage(fh: BinaryIO, size: int) -> str | None:
+    """What is wrong with a file read as safetensors (8-byte length, JSON header, data), or None."""
+    if size < 8:
+        return f"is truncated or not a checkpoint ({size} bytes)"
+    (header_len,) = struct.unpack("<Q", fh.read(8))
+    if header_len > _SAFETENSORS_HEADER_MAX or header_len < 2:
+        return "is not a checkpoint (neither a PyTorch file nor safetensors)"
+    if 8 + header_len > size:
+        return f"is truncated: {size} bytes, but its safetensors header alone takes {8 + header_len}"
+    try:
+        header = json.loads(fh.read(header_len).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return "is not a checkpoint (neither a PyTorch file nor safetensors)"
+    if not isinstance(header, dict):
+        return "is not a checkpoint (its safetensors header is not a table)"
+    ends = [entry.get("data_offsets", [0, 0])[-1] for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list)]
+    if not all(isinstance(end, int) for end in ends):
+        return "is corrupt (its safetensors header holds non-integer offsets)"
+    expected = 8 + header_len + max(ends, default=0)
+    if expected > size:
+        return f"is truncated: {size} bytes, but its safetensors header describes {expected}"
+    return None
+
+
+def checkpoint_damage(path: str | Path) -> str | None:
+    """Why ``path`` cannot be a checkpoint, found cheaply (headers and the zip directory only, never
+    the tensors): not a regular file, empty, a truncated zip or safetensors file, or neither format.
+    None when its container looks intact (the problem, if any, is in what it holds)."""
+    path = Path(path)
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            return "is not a regular file"
+        if st.st_size == 0:
+            return "is empty (0 bytes)"
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if head.startswith(_ZIP_MAGIC):
+                try:
+                    with zipfile.ZipFile(fh) as archive:
+                        names = archive.namelist()
+                except (zipfile.BadZipFile, OSError, ValueError):
+                    return "is truncated or corrupt (a PyTorch zip checkpoint without its central directory)"
+                if not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+                    return "is a zip archive, not a PyTorch checkpoint"
+                return None
+            if head[:1] == bytes([_PICKLE_PROTO]):
+                return None  # a legacy pickle: only loading tells whether it is complete
+            fh.seek(0)
+            return _safetensors_damage(fh, st.st_size)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+
+
+def checkpoint_error(path: str | Path, exc: BaseException, what: str) -> S2ClipError:
+    """One line naming the checkpoint `path` (of `what`, e.g. "CLIP ViT-B/16") and what is wrong with
+    it, from the loader's exception `exc` and a look at the file (`checkpoint_damage`)."""
+    damage = checkpoint_damage(path)
+    text = str(exc)
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    if damage is not None:
+        reason = damage
+    elif "weights_only" in text or "Weights only load failed" in text:
+        reason = ("holds pickled Python objects besides tensors; it was not loaded, since loading it could run "
+                  "code (a state dict of tensors is expected)")
+    elif isinstance(exc, EOFError) or "unexpected EOF" in text or "truncated" in text:
+        reason = "is truncated or corrupt"
+    elif isinstance(exc, pickle.UnpicklingError):
+        reason = f"is corrupt or not a checkpoint ({first})"
+    elif isinstance(exc, RuntimeError) and ("size mismatch" in text or "Missing key" in text
+                                            or "Unexpected key" in text):
+        detail = next((line.strip() for line in text.splitlines()
+                       if "size mismatch" in line or "Missing key" in line or "Unexpected key" in line), first)
+        reason = f"does not match the {what} architecture ({detail[:300]})"
+    elif isinstance(exc, (AttributeError, TypeError, KeyError, IndexError, StopIteration)):
+        reason = f"does not hold a state dict of tensors ({type(exc).__name__}: {first})"
+    else:
+        reason = f"cannot be loaded ({type(exc).__name__}: {first})"
+    return S2ClipError(one_line(f"{what} checkpoint {path} {reason}"[:1000]))
+
+
 def _check_loadable(path: Path) -> None:
     """Raise if `path` is not a readable state dict (safetensors or a torch pickle of tensors)."""
+    damage = checkpoint_damage(path)
+    if damage is not None:
+        raise S2ClipError(f"checkpoint {path} {damage}")
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as f:
                 if not list(f.keys()):
-                    raise ValueError("no tensors")
+                    raise S2ClipError(f"checkpoint {path} holds no tensors")
         else:
             import torch
 
             obj = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(obj, dict) or not obj:
-                raise ValueError("not a state dict")
+                raise S2ClipError(f"checkpoint {path} does not hold a state dict (it holds {type(obj).__name__})")
+    except S2ClipError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure means a bad file
-        raise S2ClipError(f"checkpoint {path} is corrupt or not a state dict ({exc})") from None
+        raise checkpoint_error(path, exc, "downloaded") from None
 
 
 # ---------------------------------------------------------------------------------------- downloading
