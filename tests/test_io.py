@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io as stdio
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -22,7 +23,15 @@ from s2clip_cli.io.files import (
     write_json,
 )
 from s2clip_cli.io.images import IMAGE_SUFFIXES, collect_images, read_image
-from s2clip_cli.io.outputs import class_shares, make_palette, save_mask_png, save_overlay
+from s2clip_cli.io.outputs import (
+    OutputSet,
+    class_shares,
+    make_palette,
+    mask_png_kind,
+    read_mask_png,
+    save_mask_png,
+    save_overlay,
+)
 from s2clip_cli.pipeline.transforms import rescale_size, resize_short_side
 
 RNG = np.random.default_rng(0)
@@ -390,10 +399,125 @@ def test_mask_png_palette_shorter_than_labels(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.array(Image.open(tmp_path / "m.png")), labels)
 
 
-def test_mask_png_rejects_labels_above_255(tmp_path: Path) -> None:
+@pytest.mark.parametrize("num_classes", [257, 600, 65536])
+def test_mask_png_is_16_bit_above_256_classes(tmp_path: Path, num_classes: int) -> None:
+    """More than 256 classes (labels above 255): a 16-bit greyscale PNG that gives the labels back."""
+    labels = RNG.integers(0, num_classes, (23, 31)).astype(np.int64)
+    labels[0, 0] = num_classes - 1
+    path = tmp_path / "m.png"
+    save_mask_png(path, labels, make_palette(num_classes, True))
+    with Image.open(path) as image:
+        assert image.mode == "I;16"
+        np.testing.assert_array_equal(np.array(image), labels)
+    np.testing.assert_array_equal(read_mask_png(path, num_classes), labels)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.png"]
+
+
+def test_mask_png_kind_is_decided_by_the_number_of_classes(tmp_path: Path) -> None:
+    assert mask_png_kind(1) == mask_png_kind(256) == "palette"
+    assert mask_png_kind(257) == mask_png_kind(65536) == "16-bit"
+    with pytest.raises(S2ClipError, match="at most 65536"):
+        mask_png_kind(65537)
+    # a run with 300 classes writes 16-bit masks even when an image only holds small labels
+    save_mask_png(tmp_path / "few.png", np.array([[0, 3]]), make_palette(300, False))
+    assert Image.open(tmp_path / "few.png").mode == "I;16"
     with pytest.raises(S2ClipError, match="m.png"):
-        save_mask_png(tmp_path / "m.png", np.array([[0, 256]]), make_palette(257, False))
+        save_mask_png(tmp_path / "m.png", np.array([[0, 65536]]), make_palette(3, False))
     assert not (tmp_path / "m.png").exists()
+
+
+def test_read_mask_png_checks_the_file_and_the_labels(tmp_path: Path) -> None:
+    labels = np.array([[0, 1], [2, 2]])
+    save_mask_png(tmp_path / "m.png", labels, make_palette(3, False))
+    np.testing.assert_array_equal(read_mask_png(tmp_path / "m.png", 3), labels)
+    with pytest.raises(S2ClipError, match="label 2, not one of the 2 classes"):
+        read_mask_png(tmp_path / "m.png", 2)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(S2ClipError, match="not a label PNG"):
+        read_mask_png(tmp_path / "rgb.png", 3)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
+    with pytest.raises(S2ClipError, match="bad.png"):
+        read_mask_png(tmp_path / "bad.png", 3)
+    with pytest.raises(S2ClipError, match="not a regular file"):
+        read_mask_png(tmp_path, 3)
+
+
+# --------------------------------------------------------------------------- output sets
+
+
+def _set_paths(folder: Path) -> tuple[list[Path], Path]:
+    return [folder / "x_mask.png", folder / "x_overlay.png", folder / "x.json"], folder / "x.json"
+
+
+def test_output_set_renames_everything_marker_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    targets, marker = _set_paths(tmp_path / "sub")
+    order: list[str] = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (order.append(Path(b).name), real_replace(a, b)))
+    with OutputSet(targets, marker) as staged:
+        for target in reversed(targets):  # written in any order
+            staged.tmp(target).write_text(target.name)
+            assert not target.exists()
+    assert order == ["x_mask.png", "x_overlay.png", "x.json"]
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["x.json", "x_mask.png", "x_overlay.png"]
+    assert (tmp_path / "sub" / "x.json").read_text() == "x.json"
+    with pytest.raises(ValueError, match="not one of"):
+        OutputSet(targets, marker).tmp(tmp_path / "other.png")
+
+
+def test_output_set_failure_leaves_nothing(tmp_path: Path) -> None:
+    targets, marker = _set_paths(tmp_path)
+    adopted = tmp_path / "x_polygons.json"
+    with pytest.raises(S2ClipError) as error, OutputSet(targets, marker) as staged:
+        staged.tmp(targets[0]).write_text("mask")
+        adopted.write_text("written in place")
+        staged.adopt([adopted])
+        raise S2ClipError(f"cannot write {staged.tmp(targets[1])}: disk full")
+    assert list(tmp_path.iterdir()) == []
+    assert str(error.value) == f"cannot write {targets[1]}: disk full"  # the real name, not the temporary one
+
+
+def test_output_set_failed_rename_removes_what_was_renamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    targets, marker = _set_paths(tmp_path)
+    real_replace = os.replace
+
+    def replace(src: str, dst: str) -> None:
+        if Path(dst).name == "x.json":
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(S2ClipError, match="cannot write .*x.json: No space left"), OutputSet(targets, marker) as staged:
+        for target in targets:
+            staged.tmp(target).write_text("data")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_set_replace_drops_the_old_set_on_failure(tmp_path: Path) -> None:
+    targets, marker = _set_paths(tmp_path)
+    for target in targets:
+        target.write_text("old")
+    with OutputSet(targets, marker, replace=True) as staged:
+        assert not marker.exists()  # the old set stops counting as complete at once
+        for target in targets:
+            staged.tmp(target).write_text("new")
+    assert [t.read_text() for t in targets] == ["new"] * 3
+    with pytest.raises(RuntimeError), OutputSet(targets, marker, replace=True) as staged:
+        staged.tmp(targets[0]).write_text("newer")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []  # no mix of old and new
+
+
+def test_output_set_folder_target(tmp_path: Path) -> None:
+    frames, marker = tmp_path / "v_frames", tmp_path / "v.json"
+    frames.mkdir()
+    (frames / "old_mask.png").write_text("old")
+    with OutputSet([frames, marker], marker, replace=True) as staged:
+        staged.tmp(frames).mkdir()
+        (staged.tmp(frames) / "v_000000_mask.png").write_text("new")
+        staged.tmp(marker).write_text("{}")
+    assert [p.name for p in frames.iterdir()] == ["v_000000_mask.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.json", "v_frames"]
 
 
 def test_class_shares() -> None:
@@ -442,3 +566,14 @@ def test_overlay_extreme_shapes(tmp_path: Path, shape: tuple[int, int]) -> None:
         out = np.array(overlay)
     assert out[: shape[0], : shape[1]].std() > 0
     assert [p.name for p in tmp_path.iterdir()] == ["o.png"]
+
+
+def test_output_set_removes_the_folders_it_created(tmp_path: Path) -> None:
+    (tmp_path / "shared").mkdir()
+    targets = [tmp_path / "new" / "deep" / "x_mask.png", tmp_path / "shared" / "x.txt", tmp_path / "x.json"]
+    with pytest.raises(S2ClipError), OutputSet(targets, targets[-1]) as staged:
+        staged.tmp(targets[0]).write_text("mask")
+        targets[1].write_text("written in place")
+        staged.adopt([targets[1]])
+        raise S2ClipError("disk full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"] and not any((tmp_path / "shared").iterdir())

@@ -50,10 +50,24 @@ def refine_config(sam_impl: str, no_cca: bool, no_box: bool, no_mask: bool, no_p
 @user_errors
 def segment(
     ctx: typer.Context,
-    images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
+    images: Annotated[list[str], typer.Argument(
+        help="Images and videos (.mp4/.mov/.avi/.mkv): files, folders, quoted glob patterns ('photos/**/*.jpg') "
+             "or @list.txt (one path a line, relative to the list's folder).", show_default=False)],
     classes: Annotated[str, typer.Option("--classes", "-c", help="Comma list (cat,dog; puppy) or @file.txt "
                                          "(one class per line, synonyms separated by '; ').")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("s2clip-out"),
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Folders: their sub-folders too (mirrored "
+                                            "under the output folder).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo inputs whose outputs exist (by default "
+                                            "complete ones are skipped, incomplete ones refused).")] = False,
+    output_format: Annotated[str, typer.Option("--format", help="Comma list of outputs: png (mask, overlay, JSON), "
+                                               "coco, polygons, masks, yolo, labelstudio, cvat.")] = "png",
+    polygon_tolerance: Annotated[float, typer.Option(help="polygons/yolo: largest distance (pixels) between a "
+                                                     "simplified polygon and the mask's boundary (0: exact).",
+                                                     min=0.0)] = 1.0,
+    batch: Annotated[int, typer.Option("--batch", help="Images (or video frames) whose windows share the "
+                                       "forward passes.", min=1)] = 1,
+    every: Annotated[int, typer.Option("--every", help="Videos: segment every N-th frame.", min=1)] = 1,
     background: Annotated[str | None, typer.Option(help="Background names separated by '; ' "
                                                    "(default: a built-in list of stuff names).")] = None,
     no_background: Annotated[bool, typer.Option("--no-background", help="No background class.")] = False,
@@ -97,20 +111,24 @@ def segment(
     sd_weights: WeightsOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Label every pixel of IMAGES with one of --classes; writes mask, overlay and JSON per image."""
-    from ..commands.segment import background_names, run_segment
+    """Label every pixel of IMAGES with one of --classes; writes mask, overlay and JSON per image
+    (skipping images whose outputs exist), frame masks and an overlay video per video."""
+    from ..commands.segment import SegmentOptions, background_names, run_segment
     from ..data.class_names import parse_class_list
     from ..io.files import prepare_output_dir
-    from ..io.images import collect_images
+    from ..io.sources import collect_sources
     from ..models.factory import ModelPaths
     from ..pipeline.segmenter import SegmenterConfig
 
+    formats = parse_format_list(output_format)
     class_list = parse_class_list(classes)
     bg = None if no_background else background_names(background, class_list)
     refine = refine_config(sam_impl, no_cca, no_box, no_mask, no_point, min_area=min_area, mask_coeff=mask_coeff,
                            iou_thresh=iou_thresh)
-    paths = collect_images(images)
+    sources = collect_sources(images, recursive=recursive, skip_dirs=[output])
     out_dir = prepare_output_dir(output)
+    options = SegmentOptions(overwrite=overwrite, batch=batch, every=every, formats=tuple(formats),
+                             polygon_tolerance=polygon_tolerance)
     cfg = SegmenterConfig(
         method=value(method), clip=value(clip), combine=value(combine), prob_thd=0.2 if bg else 0.0,
         window_batch=window_batch, refine=refine, work_resolution="resized", timing=True,
@@ -123,7 +141,17 @@ def segment(
                      coarse_thresh=coarse_thresh, sd_threshold=sd_threshold,
                      prob_thd=threshold if bg else None, no_sam=no_sam or None)
     warn_random(value(models))
-    failures = run_segment(paths, class_list, bg, cfg, out_dir, console=console, out=out,
-                           record_config=config_record(ctx), explicit=explicit)
-    if failures:
-        fail(f"{failures} of {len(paths)} images could not be segmented (see above)", code=1)
+    counts = run_segment(sources, class_list, bg, cfg, out_dir, console=console, out=out, options=options,
+                         record_config=config_record(ctx), explicit=explicit)
+    if len(sources) > 1 or counts.skipped:
+        console.print(counts.summary(), highlight=False, soft_wrap=True)
+    if counts.failed:
+        fail(f"{counts.failed} of {len(sources)} inputs could not be segmented (see above)", code=1)
+
+
+def parse_format_list(text: str) -> list[str]:
+    """`--format png,coco` → the format names (`io.export.parse_formats`: unknown, empty or repeated
+    names are one-line errors)."""
+    from ..io.export import parse_formats
+
+    return parse_formats(text)

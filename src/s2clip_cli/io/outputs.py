@@ -1,9 +1,13 @@
-"""Result pictures: class palettes, palette mask PNGs, overlays with a legend."""
+"""Result pictures and how they are written: class palettes, mask PNGs (palette or 16-bit), overlays
+with a legend, and an image's output files written as one set (`OutputSet`)."""
 
 from __future__ import annotations
 
 import colorsys
 import math
+import os
+import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +15,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..errors import S2ClipError
+from ..errors import S2ClipError, one_line
 from .files import atomic_path
 
 BOUNDARY_COLOUR = (255, 255, 255)
@@ -86,24 +90,64 @@ def _check_labels(labels: np.ndarray, num_classes: int | None = None) -> None:
         raise ValueError(f"label {int(labels.max())} is out of range for {num_classes} classes")
 
 
-def save_mask_png(path: str | Path, labels: np.ndarray, palette: np.ndarray) -> None:
-    """Save ``labels`` (H x W ints in 0..255) as an indexed ('P' mode) PNG coloured by ``palette``.
+PALETTE_CLASSES = 256
+"""Up to this many classes a mask is an indexed (palette) PNG; above it a 16-bit greyscale PNG."""
+MAX_MASK_CLASSES = 65536
+"""The most classes a mask PNG can hold (16-bit labels)."""
 
-    Pixel values are the labels themselves, so ``np.array(Image.open(path))`` gives them back.
-    The palette is padded with black to cover every label. Written atomically.
+
+def mask_png_kind(num_classes: int) -> str:
+    """``"palette"`` (8-bit indexed PNG, coloured) for up to 256 classes, ``"16-bit"`` (greyscale
+    PNG whose pixel values are the labels) above; `S2ClipError` above 65536 classes. Decided from
+    the number of classes, so every mask of a run has the same kind."""
+    if num_classes > MAX_MASK_CLASSES:
+        raise S2ClipError(f"{num_classes} classes: a mask PNG holds at most {MAX_MASK_CLASSES} (16-bit labels)")
+    return "palette" if num_classes <= PALETTE_CLASSES else "16-bit"
+
+
+def save_mask_png(path: str | Path, labels: np.ndarray, palette: np.ndarray) -> None:
+    """Save ``labels`` (H x W ints) as a PNG whose pixel values are the labels themselves, so
+    ``np.array(Image.open(path))`` gives them back.
+
+    Up to 256 classes (``len(palette)``; see :func:`mask_png_kind`) and labels up to 255 it is an
+    indexed ('P' mode) PNG coloured by ``palette`` (padded with black to cover every label); with
+    more classes, or a label above 255, a 16-bit greyscale PNG (mode ``I;16``, no colours: the
+    overlay shows them). Labels above 65535 are an `S2ClipError`. Written atomically.
     """
     path = Path(path)
     _check_labels(labels)
     top = int(labels.max()) if labels.size else 0
-    if top > 255:
-        raise S2ClipError(f"cannot save {path} as a palette PNG: label {top} is above 255 (too many classes)")
-    colours = np.zeros((max(len(palette), top + 1), 3), dtype=np.uint8)
-    colours[: len(palette)] = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    if top >= MAX_MASK_CLASSES:
+        raise S2ClipError(f"cannot save {path}: label {top} is above {MAX_MASK_CLASSES - 1} (too many classes)")
     h, w = labels.shape
-    image = Image.frombytes("P", (w, h), np.ascontiguousarray(labels, dtype=np.uint8).tobytes())
-    image.putpalette(colours[:256].ravel().tolist())
+    if mask_png_kind(max(len(palette), top + 1)) == "16-bit":
+        image = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint16))
+    else:
+        colours = np.zeros((PALETTE_CLASSES, 3), dtype=np.uint8)
+        colours[: len(palette)] = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+        image = Image.frombytes("P", (w, h), np.ascontiguousarray(labels, dtype=np.uint8).tobytes())
+        image.putpalette(colours[: max(len(palette), top + 1)].ravel().tolist())
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
+
+
+def read_mask_png(path: str | Path, num_classes: int) -> np.ndarray:
+    """Labels ``[H, W]`` int64 of a mask written by :func:`save_mask_png` (palette, greyscale or
+    16-bit PNG); `S2ClipError` naming the file for anything else, or a label not below
+    ``num_classes``."""
+    path = Path(path)
+    if not path.is_file():
+        raise S2ClipError(f"cannot read mask {path}: not a regular file")
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG" or image.mode not in ("P", "L", "I;16", "I"):
+                raise S2ClipError(f"cannot read mask {path}: not a label PNG ({image.format} {image.mode})")
+            labels = np.array(image).astype(np.int64)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise S2ClipError(f"cannot read mask {path}: {one_line(exc)}") from exc
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise S2ClipError(f"mask {path} holds label {int(labels.max())}, not one of the {num_classes} classes")
+    return labels
 
 
 # --------------------------------------------------------------------------- overlays
@@ -214,3 +258,92 @@ def save_overlay(path: str | Path, image: np.ndarray, labels: np.ndarray, class_
     canvas = render_overlay(image, labels, class_names, palette, alpha)
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
+
+
+# --------------------------------------------------------------------------- output sets
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or a folder tree (nothing when absent)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+class OutputSet:
+    """One input's output files, written as a set: all of them or none.
+
+    Each target (a file, or a folder such as a video's frame masks) is written under a hidden
+    temporary name from :meth:`tmp`; when the body ends without error they are renamed into place
+    in the order given, the ``marker`` (the JSON record) last — so a marker on disk means the set
+    is complete. Files written in place by someone else (an exporter's atomic writes) are handed
+    over with :meth:`adopt`. If anything fails, every temporary file, every adopted file, every
+    target already renamed and every folder the set created is removed; with ``replace`` (``--overwrite``) the earlier marker is removed
+    on entry and the targets' earlier files on failure, so no mixed or partial set remains. Failures
+    to write are `S2ClipError`.
+    """
+
+    def __init__(self, targets: list[Path], marker: Path, *, replace: bool = False) -> None:
+        self.targets = [Path(t) for t in targets if Path(t) != Path(marker)] + [Path(marker)]
+        self.marker = Path(marker)
+        self.replace = replace
+        self._staged: dict[Path, Path] = {}
+        self._adopted: list[Path] = []
+        self._created: list[Path] = []
+
+    def tmp(self, target: Path) -> Path:
+        """The temporary path to write ``target`` to (same folder and suffix, hidden)."""
+        target = Path(target)
+        if target not in self.targets:
+            raise ValueError(f"{target} is not one of this set's targets")
+        if target not in self._staged:
+            self._staged[target] = target.with_name(
+                f".{target.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{target.suffix}")
+        return self._staged[target]
+
+    def adopt(self, paths: Any) -> None:
+        """Files already written in place that belong to this set (removed if the set fails)."""
+        self._adopted.extend(Path(p) for p in paths)
+
+    def __enter__(self) -> OutputSet:
+        for folder in sorted({t.parent for t in self.targets}):
+            missing = [f for f in (folder, *folder.parents) if not f.exists()]
+            if missing:
+                self._created.append(missing[-1])  # the topmost new folder: removed if the set fails
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise S2ClipError(f"cannot create output directory {folder}: {one_line(exc.strerror or exc)}") from exc
+        if self.replace:
+            _remove(self.marker)  # the earlier set stops counting as complete before any of it is replaced
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self._discard([])
+            if isinstance(exc, S2ClipError):  # name the files the user knows, not their temporary names
+                message = str(exc)
+                for target, tmp in self._staged.items():
+                    message = message.replace(str(tmp), str(target))
+                if message != str(exc):
+                    raise S2ClipError(message) from exc
+            return
+        committed: list[Path] = []
+        try:
+            for target in self.targets:
+                if target in self._staged:
+                    if target.is_dir() and not target.is_symlink():
+                        shutil.rmtree(target)  # only with replace: the caller checked the set before
+                    os.replace(self._staged[target], target)
+                    committed.append(target)
+        except OSError as failure:
+            self._discard(committed)
+            raise S2ClipError(f"cannot write {target}: {one_line(failure.strerror or failure)}") from failure
+
+    def _discard(self, committed: list[Path]) -> None:
+        for path in [*self._staged.values(), *self._adopted, *committed, *self._created]:
+            _remove(path)
+        if self.replace:
+            for target in self.targets:
+                _remove(target)
