@@ -157,3 +157,12 @@ def test_eval_config_takes_a_dataset_list(tmp_path: Path) -> None:
     result = runner.invoke(app, ["eval", "--config", str(cfg)])
     assert result.exit_code == 2
     assert "unknown dataset 'nope'" in _one_error_line(result.stderr)
+
+
+def test_a_huge_layer_range_is_refused_before_it_is_expanded(photo: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('layers = "0-1000000000"\nmodels = "tiny"\ndevice = "cpu"\n')
+    result = runner.invoke(app, ["segment", str(photo), "--classes", "cat", "--config", str(cfg)])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert len(errors) == 1 and "bad --layers '0-1000000000'" in errors[0] and "0..1023" in errors[0]

@@ -267,3 +267,19 @@ def test_record_files_that_are_not_regular_files_are_refused(voc_root: Path, tmp
     with pytest.raises(S2ClipError, match="records") as info:
         evaluate(ds, colour_predict, work_dir=other, config=CONFIG, limit=1, num_workers=0)
     assert "\n" not in str(info.value) and (other / "records").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("name", [".lock", "records", "preds"])
+def test_links_planted_in_a_work_dir_are_refused_and_their_targets_untouched(voc_root: Path, tmp_path: Path,
+                                                                            name: str) -> None:
+    ds = open_dataset("voc21", voc_root)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("precious")
+    work = tmp_path / "run"
+    work.mkdir()
+    (work / name).symlink_to(victim / "notes.txt" if name == ".lock" else victim)
+    with pytest.raises(S2ClipError, match=f"holds {name} as a symbolic link") as info:
+        evaluate(ds, colour_predict, work_dir=work, config=CONFIG, limit=1, num_workers=0, save_preds=True)
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in victim.iterdir()) == ["notes.txt"] and (victim / "notes.txt").read_text() == "precious"

@@ -371,3 +371,21 @@ def test_prefetch_downloads_on_rank0_and_node_leaders_only(weights_dir: Path, mo
             prefetch_weights("ViT-B/16", "dino_vits16", None, group=group)
         assert fetched == [] and group.agreements == [(True, True), (True, True), (False, True)]
     prefetch_weights("ViT-B/16", "dino_vits16", None, mode="tiny", group=_StubGroup(0, 0))  # no-op
+
+
+def test_a_damaged_hash_cache_costs_a_rehash_never_an_error(weights_dir: Path, tmp_path: Path) -> None:
+    ckpt = tmp_path / "w.safetensors"
+    save_file({"w": torch.ones(4)}, str(ckpt))
+    expected = "sha256:" + hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
+    cache = weights_dir / weights.HASH_CACHE_NAME
+    for damage in ("deep", "fifo", "binary", "list"):
+        cache.unlink(missing_ok=True)
+        if damage == "deep":
+            cache.write_text("[" * 100000 + "]" * 100000)  # json.loads: RecursionError
+        elif damage == "fifo":
+            os.mkfifo(cache)  # reading it would block forever
+        elif damage == "binary":
+            cache.write_bytes(b"\xff\xfe\x00garbage")
+        else:
+            cache.write_text("[1, 2]")
+        assert weights.content_identity(ckpt) == expected, damage

@@ -337,6 +337,9 @@ def config_record(ctx: typer.Context) -> dict[str, Any]:
                       for name, v in ctx.params.items() if name != "config"})
 
 
+MAX_LAYER = 1023  # far deeper than any CLIP; bounds what a range like 0-1000000000 would allocate
+
+
 def parse_layers(spec: str | None) -> list[int] | None:
     """`6,8,10` or `6-10` (or a mix) → sorted unique layer indices."""
     if spec is None or not spec.strip():
@@ -349,11 +352,13 @@ def parse_layers(spec: str | None) -> list[int] | None:
                 lo, hi = (int(v) for v in part.split("-", 1))
                 if hi < lo:
                     raise ValueError
+                if hi > MAX_LAYER:
+                    raise S2ClipError(f"bad --layers {spec!r}: layers are block indices in 0..{MAX_LAYER}")
                 layers.update(range(lo, hi + 1))
             else:
                 layers.add(int(part))
     except ValueError:
         raise S2ClipError(f"bad --layers {spec!r}: use a comma list like 6,8,10 or a range like 6-10") from None
-    if any(layer < 0 for layer in layers):
-        raise S2ClipError(f"bad --layers {spec!r}: layers are non-negative block indices")
+    if any(layer < 0 or layer > MAX_LAYER for layer in layers):
+        raise S2ClipError(f"bad --layers {spec!r}: layers are block indices in 0..{MAX_LAYER}")
     return sorted(layers)

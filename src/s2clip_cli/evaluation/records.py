@@ -139,7 +139,7 @@ class RecordLog:
     def _load(self) -> tuple[int, int]:
         """Parse the file; return (end of the valid prefix, file size). 0 means "no valid header"."""
         try:
-            st = self.path.stat()
+            st = self.path.lstat()  # a link is refused, not followed: appending through it would write elsewhere
         except FileNotFoundError:
             return 0, 0
         except OSError as exc:

@@ -21,6 +21,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -161,6 +162,22 @@ def work_dir_lock(work_dir: Path) -> contextlib.AbstractContextManager[None]:
                           f"eval (pid {pid}); wait for it to finish or use another --work-dir")
 
 
+def _checked_work_dir(work_dir: Path) -> Path:
+    """`work_dir`, created if needed; `S2ClipError` when it is a file, or when its lock file, records or
+    predictions folder is a symbolic link (writing through one would change files outside it, e.g.
+    truncate the file a planted ``.lock`` link points to)."""
+    work_dir = prepare_output_dir(work_dir)
+    for name in (LOCK_NAME, "records", "preds"):
+        entry = work_dir / name
+        if entry.is_symlink():
+            raise S2ClipError(f"work dir {work_dir} holds {name} as a symbolic link (to {os.readlink(entry)}); "
+                              "an eval writes only inside its work dir: remove the link or use another --work-dir")
+    lock = work_dir / LOCK_NAME
+    if lock.exists() and not lock.is_file():
+        raise S2ClipError(f"{lock} is not a regular file; remove it or use another --work-dir")
+    return work_dir
+
+
 def lock_work_dirs(work_dirs: Sequence[Path], ctx: DistContext) -> contextlib.ExitStack:
     """Rank 0 takes the lock of every work dir in `work_dirs` (`work_dir_lock`) and every rank learns
     whether it got them (`S2ClipError` at once on rank 0, `PeerFailure` on the others, when a live
@@ -169,7 +186,7 @@ def lock_work_dirs(work_dirs: Sequence[Path], ctx: DistContext) -> contextlib.Ex
     `evaluate`."""
     stack = contextlib.ExitStack()
     try:
-        _agreed(ctx, lambda: [stack.enter_context(work_dir_lock(prepare_output_dir(d))) for d in work_dirs]
+        _agreed(ctx, lambda: [stack.enter_context(work_dir_lock(_checked_work_dir(d))) for d in work_dirs]
                 if ctx.is_main else None)
     except BaseException:
         stack.close()

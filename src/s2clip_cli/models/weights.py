@@ -52,6 +52,7 @@ _HF_ALTERNATIVES = {
     "model.safetensors": ("model.safetensors", "pytorch_model.bin"),
 }
 HASH_CACHE_NAME = "content-hashes.json"
+HASH_CACHE_MAX_BYTES = 16 << 20  # ~200 bytes an entry
 IDENTITY_HEX = 16  # hex digits of sha256 in an identity string
 _CHUNK = 4 << 20
 # `sam_vit_b_01ec64.pth`: the hex group before `.pth` is the start of the file's MD5.
@@ -207,9 +208,15 @@ def _cache_path() -> Path:
 
 
 def _read_cache() -> dict[str, dict[str, object]]:
+    """The remembered digests; empty when the file is missing, not a regular file, too big or damaged
+    (it is only an optimisation: a damaged cache costs a re-hash, never an error)."""
+    path = _cache_path()
     try:
-        data = json.loads(_cache_path().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode) or st.st_size > HASH_CACHE_MAX_BYTES:
+            return {}
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 
