@@ -305,3 +305,19 @@ def test_hostile_label_files_are_one_line_errors_naming_the_file(tmp_path: Path)
         with pytest.raises(S2ClipError, match=reason) as info:
             read_label(path, False)
         assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_label_is_decoded_only_as_png_tiff_or_bmp(tmp_path: Path) -> None:
+    eps = tmp_path / "label.png"  # an EPS under a label's name: PIL would hand it to Ghostscript
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    with pytest.raises(S2ClipError, match="not a PNG, TIFF or BMP label map") as info:
+        read_label(eps, False)
+    assert str(eps) in str(info.value)
+    gif = tmp_path / "label2.png"
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(gif, format="GIF")
+    with pytest.raises(S2ClipError, match="not a PNG, TIFF or BMP"):
+        read_label(gif, False)
+    for fmt in ("PNG", "TIFF", "BMP"):
+        path = tmp_path / f"ok.{fmt.lower()}"
+        Image.fromarray(np.full((4, 4), 3, np.uint8)).save(path, format=fmt)
+        assert (read_label(path, False) == 3).all()

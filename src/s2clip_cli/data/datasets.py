@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import S2ClipError, one_line
 from ..io.images import IMAGE_SUFFIXES, read_image
@@ -29,6 +29,7 @@ from .class_names import display_names, preset_class_names, read_class_file
 from .presets import CUSTOM, PRESETS, DatasetPreset, Layout, custom_preset
 
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+LABEL_FORMATS = ("PNG", "TIFF", "BMP")  # the decoders a label file may use, whatever its name says
 SPLIT_MAX_BYTES = 16 << 20  # the largest real split list (COCO's ids) is ~100 KB
 _SHOW_MISSING = 5
 
@@ -53,11 +54,13 @@ def read_label(path: str | Path, reduce_zero_label: bool) -> np.ndarray:
     Returns H x W uint8 for 8-bit files, int64 for wider ones. A colour (RGB) label is an error.
     """
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=LABEL_FORMATS) as img:  # never EPS & co. (Ghostscript) under a .png name
             if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
                 raise S2ClipError(f"label {path} is a {img.mode} image; expected a single-channel index map "
                                   "(one class index per pixel, 255 = ignore)")
             label = np.asarray(img)
+    except UnidentifiedImageError:
+        raise S2ClipError(f"cannot read label {path}: not a PNG, TIFF or BMP label map") from None
     except Image.DecompressionBombError as exc:
         raise S2ClipError(f"label {path} is too large to be a label map ({one_line(exc)})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # (PIL's decoders raise all of these)
