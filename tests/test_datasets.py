@@ -321,3 +321,14 @@ def test_a_label_is_decoded_only_as_png_tiff_or_bmp(tmp_path: Path) -> None:
         path = tmp_path / f"ok.{fmt.lower()}"
         Image.fromarray(np.full((4, 4), 3, np.uint8)).save(path, format=fmt)
         assert (read_label(path, False) == 3).all()
+
+
+def test_a_class_file_too_long_to_evaluate_is_refused_before_any_matrix(tmp_path: Path) -> None:
+    from s2clip_cli.data.datasets import MAX_EVAL_CLASSES
+
+    paths = write_synthetic_generic(tmp_path / "gen", n_images=1, num_classes=3)
+    many = tmp_path / "many.txt"
+    many.write_text("".join(f"class {i}\n" for i in range(MAX_EVAL_CLASSES + 1)))  # 40 KB; K^2 int64: 128 MiB+
+    with pytest.raises(S2ClipError, match=f"names {MAX_EVAL_CLASSES + 1} classes.*at most {MAX_EVAL_CLASSES}") as info:
+        open_dataset("custom", None, images=paths.images, masks=paths.masks, class_names=many)
+    assert str(many) in str(info.value)

@@ -283,3 +283,15 @@ def test_links_planted_in_a_work_dir_are_refused_and_their_targets_untouched(voc
         evaluate(ds, colour_predict, work_dir=work, config=CONFIG, limit=1, num_workers=0, save_preds=True)
     assert "\n" not in str(info.value)
     assert sorted(p.name for p in victim.iterdir()) == ["notes.txt"] and (victim / "notes.txt").read_text() == "precious"
+
+
+def test_a_class_count_too_large_for_the_confusion_matrix_is_refused_first(voc_root: Path, tmp_path: Path) -> None:
+    import dataclasses
+
+    from s2clip_cli.data.datasets import MAX_EVAL_CLASSES
+
+    ds = open_dataset("voc21", voc_root)
+    huge = dataclasses.replace(ds, class_names=[[f"c{i}"] for i in range(MAX_EVAL_CLASSES + 1)])
+    with pytest.raises(S2ClipError, match=f"{MAX_EVAL_CLASSES + 1} classes; evaluation takes 1 to"):
+        evaluate(huge, colour_predict, work_dir=tmp_path / "w", config=CONFIG, num_workers=0)
+    assert not (tmp_path / "w").exists()

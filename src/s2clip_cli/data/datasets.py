@@ -29,6 +29,7 @@ from .class_names import display_names, preset_class_names, read_class_file
 from .presets import CUSTOM, PRESETS, DatasetPreset, Layout, custom_preset
 
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+MAX_EVAL_CLASSES = 4096  # a K x K int64 confusion matrix: 128 MiB at this size (LVIS has 1203 classes)
 LABEL_FORMATS = ("PNG", "TIFF", "BMP")  # the decoders a label file may use, whatever its name says
 SPLIT_MAX_BYTES = 16 << 20  # the largest real split list (COCO's ids) is ~100 KB
 _SHOW_MISSING = 5
@@ -257,6 +258,10 @@ def _list_files(folder: Path, suffixes: tuple[str, ...], what: str) -> dict[str,
 def _open_custom(images: Path, masks: Path, class_names: str | Path | list[list[str]],
                  reduce_zero_label: bool) -> SegDataset:
     classes = class_names if isinstance(class_names, list) else read_class_file(class_names)
+    if len(classes) > MAX_EVAL_CLASSES:
+        raise S2ClipError(f"custom dataset: {class_names if not isinstance(class_names, list) else 'the class list'} "
+                          f"names {len(classes)} classes; evaluation counts a {len(classes)}x{len(classes)} confusion "
+                          f"matrix and takes at most {MAX_EVAL_CLASSES} classes")
     imgs = _list_files(Path(images).expanduser(), tuple(sorted(IMAGE_SUFFIXES)), "image")
     if not imgs:
         raise S2ClipError(f"custom dataset: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {images}")

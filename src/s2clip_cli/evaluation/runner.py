@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.datasets import SegDataset, label_colours
+from ..data.datasets import MAX_EVAL_CLASSES, SegDataset, label_colours
 from ..errors import S2ClipError
 from ..io.files import atomic_write_bytes, exclusive_lock, prepare_output_dir
 from ..io.images import read_image
@@ -220,6 +220,8 @@ def evaluate(dataset: SegDataset, predict_fn: PredictFn, *, work_dir: Path, conf
     """
     if limit is not None and limit < 0:
         raise S2ClipError(f"--limit must be >= 0, got {limit}")
+    if not 1 <= dataset.num_classes <= MAX_EVAL_CLASSES:  # before any K x K matrix is allocated
+        raise S2ClipError(f"{dataset.name}: {dataset.num_classes} classes; evaluation takes 1 to {MAX_EVAL_CLASSES}")
     if check_every < 1:
         raise S2ClipError(f"check_every must be >= 1, got {check_every}")
     own_dist = dist is None
