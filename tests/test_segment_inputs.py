@@ -209,6 +209,18 @@ def test_segment_video(tmp_path: Path) -> None:
     assert code == 0 and "done 0, skipped 1" in stderr
 
 
+def test_a_broken_video_fails_alone(tmp_path: Path) -> None:
+    save_image(tmp_path / "in" / "photo.png")
+    (tmp_path / "in" / "broken.mkv").write_bytes(b"\x1aE\xdf\xa3" + b"\x00" * 64)
+    code, stdout, stderr = segment(str(tmp_path / "in"), "-o", str(tmp_path / "out"))
+    assert code == 1
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors[0].startswith(f"error: cannot read video {tmp_path / 'in' / 'broken.mkv'}")
+    assert "done 1, skipped 0, failed 1" in stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["photo.json", "photo_mask.png",
+                                                                     "photo_overlay.png"]
+
+
 def test_batched_windows_give_the_same_labels() -> None:
     """`--batch`: the windows of several images share forward passes; labels equal one at a time."""
     from s2clip_cli.commands.methods import method_config

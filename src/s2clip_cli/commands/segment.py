@@ -111,10 +111,6 @@ def export_stem(name: str) -> str:
     return name.replace("/", "__")
 
 
-def _check_unique_stems(paths: list[Path]) -> None:
-    check_unique_names([Source(p, p.stem, "image", True) for p in paths])
-
-
 def _summary(record: dict, top: int = 4) -> str:
     shares = sorted(record["pixel_share"].items(), key=lambda kv: -kv[1])
     parts = [f"{name} {100 * s:.1f}%" for name, s in shares[:top] if s > 0]
@@ -182,13 +178,6 @@ def write_image_set(seg: Segmenter, path: Path, image: np.ndarray, result: Segme
         record = image_record(seg, path, image, result, targets, record_config)
         write_json(staged.tmp(targets["json"]), record)
     return record
-
-
-def segment_file(seg: Segmenter, path: Path, out_dir: Path, record_config: dict[str, Any] | None = None) -> dict:
-    """Segment one image file and write its mask, overlay and JSON as a set; returns the JSON record."""
-    image = read_image(path)
-    result = seg(image)
-    return write_image_set(seg, path, image, result, output_paths(out_dir, path.stem), record_config=record_config)
 
 
 # ----------------------------------------------------------------------------------- planning
