@@ -24,8 +24,9 @@ fused          CLIPer's normalised sum of blocks 0…L−2's attention      CLIP
 The class token takes part (as query and key) in every strategy except ``proxy``, which — as in
 ProxyCLIP — works on patch tokens only, on the VFM's grid: the CLIP values of the patch tokens are
 bilinearly resampled (``align_corners=False``) to the VFM grid before ``A·v``, so ``proxy``
-outputs live on the (finer) VFM grid. (``fusion.proxy_attention`` takes ``mean(S)`` per window,
-not over a batch of windows as ProxyCLIP/Trident do; DESIGN step 4.)
+outputs live on the (finer) VFM grid. (``fusion.proxy_attention`` takes ``mean(S)`` per window, as
+ProxyCLIP's one-window batches do; ``batch_mean=True`` over the batch, as Trident's batch of all
+windows of an image; DESIGN step 4.)
 
 ``fused`` and CLIPer's in-place quirk: CLIPer's ``custom_attn`` divides the shared sum of early
 attention maps by its column sums, then its row sums, *in place*, once for each of the L layer

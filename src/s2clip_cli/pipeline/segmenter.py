@@ -5,7 +5,7 @@
 >>> result = seg(image)          # image: H x W x 3 uint8 RGB
 >>> result.labels                # H x W int64, indices into seg.queries.labels
 
-Its pieces are usable on their own: `prepare` (resize to the working scale), `window_logits`
+Its pieces are usable on their own: `prepare` (resize to the working scale, normalise), `window_logits`
 (features and fusion of a batch of windows), `predict_logits` (windows stitched), `refine_pamr`
 (PAMR on the logits), `classify` (logits → labels and class probabilities), `refine_sd` (CLIPer's
 SD refinement) and `refine` (SAM post-processing).
