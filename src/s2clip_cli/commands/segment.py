@@ -167,10 +167,9 @@ def write_image_set(seg: Segmenter, path: Path, image: np.ndarray, result: Segme
     `export_name`), then the JSON record; returns the record."""
     labels = seg.queries.labels
     palette = make_palette(len(labels), seg.queries.has_background) if palette is None else palette
-    base = {k: v for k, v in targets.items() if k in ("mask", "overlay", "json")}
     with OutputSet(list(targets.values()), targets["json"], replace=replace) as staged:
         save_mask_png(staged.tmp(targets["mask"]), result.labels, palette)
-        if "overlay" in base:
+        if "overlay" in targets:
             save_overlay(staged.tmp(targets["overlay"]), image, result.labels, labels, palette)
         if exports is not None and export_name is not None:
             staged.adopt(exports.image_outputs(export_name).values())
