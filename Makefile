@@ -35,7 +35,7 @@ test-floors: install
 test-browser: install
 	apt-get update && apt-get install -y chromium chromium-driver
 	$(PY) -m pip install --quiet selenium
-	$(PY) -m pytest tests/test_serve_browser.py -rs
+	S2CLIP_REQUIRE_BROWSER=1 $(PY) -m pytest tests/test_serve_browser.py -rs
 
 # Segments an example photo with real weights; without them, says in one line what to fetch.
 demo: install
