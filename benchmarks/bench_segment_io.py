@@ -4,8 +4,9 @@ checks, outputs written as a set), at default settings (`--format png`, SAM on) 
 "before" is `segment_file` as it was at commit 35401cf (read, segment, mask, overlay, JSON; copied
 below); "after" is today's driver (`run_segment` on the same folder: planning, completeness checks,
 `OutputSet`). Both use one prebuilt Segmenter, write to a fresh folder each round, and alternate
-(ABAB…) so that machine load hits both alike. The write stage alone is timed too (the part the
-rework touched; the compute is the same code). Prints a table and writes JSON.
+(AB BA AB …) so that machine load and order hit both alike. Also timed: everything outside the model
+call (reading, planning, writing: the part the rework touched; the compute is the same code) and the
+write stage alone. Prints a table and writes JSON.
 
     python benchmarks/bench_segment_io.py [--images 4] [--repeats 3] [--no-sam] [--json bench-results/segment_io.json]
 """
@@ -105,28 +106,54 @@ def main() -> None:
             write_seconds.append(time.perf_counter() - start)
 
     driver.write_image_set = timed_write  # type: ignore[assignment]
-    rows: dict[str, list[float]] = {"before": [], "after": [], "before_write": [], "after_write": []}
+    # the model's own time (Segmenter.__call__), to separate what the rework touched from compute noise
+    model_seconds: list[float] = []
+    real_call = Segmenter.__call__
+
+    def timed_call(self: Segmenter, *a: Any, **k: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return real_call(self, *a, **k)
+        finally:
+            model_seconds.append(time.perf_counter() - start)
+
+    Segmenter.__call__ = timed_call  # type: ignore[method-assign]
+    rows: dict[str, list[float]] = {"before": [], "after": [], "before_write": [], "after_write": [],
+                                    "before_outside_model": [], "after_outside_model": []}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "in"
         folder.mkdir()
         paths = photos(folder, args.images)
         seg(read_image(paths[0]))  # warm-up
-        for round_ in range(args.repeats):
+        def before(round_: int) -> Path:
             out_b = Path(tmp) / f"before{round_}"
             out_b.mkdir()
+            model_seconds.clear()
             start = time.perf_counter()
             writes = [segment_file_before(seg, p, out_b, quiet) for p in paths]
             rows["before"].append((time.perf_counter() - start) / len(paths))
+            rows["before_outside_model"].append(rows["before"][-1] - sum(model_seconds) / len(paths))
             rows["before_write"].append(sum(writes) / len(paths))
+            return out_b
 
+        def after(round_: int) -> Path:
             out_a = Path(tmp) / f"after{round_}"
             write_seconds.clear()
+            model_seconds.clear()
             start = time.perf_counter()
             counts = driver.run_segment(collect_sources([folder]), CLASSES, BACKGROUND, config, out_a,
                                         console=quiet, out=quiet, explicit=explicit)
             rows["after"].append((time.perf_counter() - start) / len(paths))
+            rows["after_outside_model"].append(rows["after"][-1] - sum(model_seconds) / len(paths))
             rows["after_write"].append(sum(write_seconds) / len(paths))
             assert counts.done == len(paths) and counts.failed == 0
+            return out_a
+
+        for round_ in range(args.repeats):  # which goes first alternates, so neither gains from order
+            if round_ % 2 == 0:
+                out_b, out_a = before(round_), after(round_)
+            else:
+                out_a, out_b = after(round_), before(round_)
             for p in paths:  # the same labels either way
                 a = np.asarray(Image.open(out_b / f"{p.stem}_mask.png"))
                 b = np.asarray(Image.open(out_a / f"{p.stem}_mask.png"))
@@ -138,12 +165,16 @@ def main() -> None:
     for col in ("stage", "before (s)", "after (s)", "change"):
         table.add_column(col, justify="right" if col != "stage" else "left")
     for name, b, a in (("whole image", med["before"], med["after"]),
+                       ("outside the model (read, plan, write)", med["before_outside_model"],
+                        med["after_outside_model"]),
                        ("writing outputs", med["before_write"], med["after_write"])):
         table.add_row(name, f"{b:.4f}", f"{a:.4f}", f"{100 * (a / b - 1):+.1f}%")
     console.print(table)
     result = {"images": args.images, "repeats": args.repeats, "sam": not args.no_sam, "device": args.device,
               "per_image_s": rows, "median_s": med,
-              "change_whole": med["after"] / med["before"] - 1, "change_write": med["after_write"] / med["before_write"] - 1}
+              "change_whole": med["after"] / med["before"] - 1,
+              "change_outside_model": med["after_outside_model"] / med["before_outside_model"] - 1,
+              "change_write": med["after_write"] / med["before_write"] - 1}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     console.print(f"wrote {args.json}")
