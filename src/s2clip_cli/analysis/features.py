@@ -13,18 +13,17 @@ import torch
 from torch import Tensor, nn
 
 from ..config import CROP, IGNORE_INDEX
-from ..models.clip import CLIP_MEAN, CLIP_STD, ClipBackbone
+from ..models.clip import ClipBackbone
 from ..models.precision import autocast
-from ..models.vfm import IMAGENET_MEAN, IMAGENET_STD
-from ..pipeline.transforms import resize_short_side
+from ..pipeline.transforms import clip_to_imagenet, normalize_pixels, resize_short_side
 from ..pipeline.windows import sliding_windows, window_batches
 
 
 @dataclass
 class AnalysisWindows:
-    """A batch of one image's windows: crops ``[B, 3, h, w]`` in [0, 1] (padded to the patch
-    multiple as the pipeline pads) and, when a label was given, each window's label cut the same
-    way (padding marked ignore)."""
+    """A batch of one image's windows: crops ``[B, 3, h, w]`` normalised as the pipeline's CLIP input
+    (0–255 pixels with mmseg's constants, padded with zeros to the patch multiple, as the pipeline
+    pads) and, when a label was given, each window's label cut the same way (padding marked ignore)."""
 
     crops: Tensor
     labels: list[np.ndarray] | None
@@ -36,11 +35,11 @@ def image_windows(image: np.ndarray, *, short_side: int, stride: int, multiple: 
     resized = resize_short_side(image, short_side)
     h, w = resized.shape[:2]
     boxes = sliding_windows(h, w, crop, stride)
-    x = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float().div(255)
+    x = normalize_pixels(torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1))
     lab = None
     if label is not None:
         lab = cv2.resize(label.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
-    for batch in window_batches(x, boxes, batch_size, multiple, CLIP_MEAN):
+    for batch in window_batches(x, boxes, batch_size, multiple, (0.0, 0.0, 0.0)):
         labels = None
         if lab is not None:
             ph, pw = batch.crops.shape[-2:]
@@ -69,14 +68,15 @@ def clip_layer_maps(clip: ClipBackbone, crops: Tensor, layers: list[int], dtype:
     on the CPU."""
     device = next(clip.parameters()).device
     with torch.no_grad(), autocast(device, dtype):
-        streams = clip.residual_streams(normalized(crops.to(device), CLIP_MEAN, CLIP_STD), layers)
+        streams = clip.residual_streams(crops.to(device), layers)
     gh, gw = streams.grid
     return {layer: s[:, 1:].transpose(1, 2).reshape(s.shape[0], -1, gh, gw).float().cpu()
             for layer, s in zip(streams.layers, streams.streams, strict=True)}
 
 
 def vfm_maps(vfm: nn.Module, crops: Tensor, dtype: torch.dtype) -> Tensor:
-    """The VFM's last-layer patch features ``[B, C, h, w]``, float32 on the CPU."""
+    """The VFM's last-layer patch features ``[B, C, h, w]``, float32 on the CPU, from the CLIP input
+    re-normalised for ImageNet as the pipeline feeds its VFM (`transforms.clip_to_imagenet`)."""
     device = next(vfm.parameters()).device
     with torch.no_grad(), autocast(device, dtype):
-        return vfm(normalized(crops.to(device), IMAGENET_MEAN, IMAGENET_STD)).float().cpu()
+        return vfm(clip_to_imagenet(crops.to(device))).float().cpu()
