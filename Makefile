@@ -33,7 +33,8 @@ test-floors: install
 
 # `s2clip serve`'s page in a real headless Chromium (Debian's packages; needs root for apt-get).
 test-browser: install
-	apt-get update && apt-get install -y chromium chromium-driver
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver)
 	$(PY) -m pip install --quiet selenium
 	S2CLIP_REQUIRE_BROWSER=1 $(PY) -m pytest tests/test_serve_browser.py -rs
 
