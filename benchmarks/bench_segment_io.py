@@ -5,8 +5,9 @@ checks, outputs written as a set), at default settings (`--format png`, SAM on) 
 below); "after" is today's driver (`run_segment` on the same folder: planning, completeness checks,
 `OutputSet`). Both use one prebuilt Segmenter, write to a fresh folder each round, and alternate
 (AB BA AB …) so that machine load and order hit both alike. Also timed: everything outside the model
-call (reading, planning, writing: the part the rework touched; the compute is the same code) and the
-write stage alone. Prints a table and writes JSON.
+call (reading, planning, writing: the part the rework touched; the compute is the same code), the
+write stage alone, and the write path alone repeated on one image's result (no model noise).
+Prints a table and writes JSON.
 
     python benchmarks/bench_segment_io.py [--images 4] [--repeats 3] [--no-sam] [--json bench-results/segment_io.json]
 """
@@ -47,6 +48,13 @@ def segment_file_before(seg: Segmenter, path: Path, out_dir: Path, out: Console)
     image = read_image(path)
     result = seg(image)
     start = time.perf_counter()
+    write_before(seg, path, image, result, out_dir)
+    out.print(f"{path.name} → {out_dir / path.stem}_mask.png", highlight=False)
+    return time.perf_counter() - start
+
+
+def write_before(seg: Segmenter, path: Path, image: np.ndarray, result: Any, out_dir: Path) -> None:
+    """The writes of `segment_file` at 35401cf: mask, overlay, JSON, each atomic on its own."""
     labels = seg.queries.labels
     palette = make_palette(len(labels), seg.queries.has_background)
     targets = {"mask": out_dir / f"{path.stem}_mask.png", "overlay": out_dir / f"{path.stem}_overlay.png",
@@ -60,8 +68,6 @@ def segment_file_before(seg: Segmenter, path: Path, out_dir: Path, out: Console)
               "timings_s": {k: round(v, 4) for k, v in result.timings.items()}, "config": {},
               "run": driver._run_record(seg), "outputs": {k: str(v) for k, v in targets.items()}}
     write_json(targets["json"], record)
-    out.print(f"{path.name} → {record['outputs']['mask']}", highlight=False)
-    return time.perf_counter() - start
 
 
 def photos(folder: Path, count: int) -> list[Path]:
@@ -81,6 +87,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--write-reps", type=int, default=40, help="Repeats of the write path alone.")
     parser.add_argument("--no-sam", action="store_true", help="Without SAM (the writes weigh more).")
     parser.add_argument("--json", type=Path, default=Path("bench-results/segment_io.json"))
     args = parser.parse_args()
@@ -119,7 +126,8 @@ def main() -> None:
 
     Segmenter.__call__ = timed_call  # type: ignore[method-assign]
     rows: dict[str, list[float]] = {"before": [], "after": [], "before_write": [], "after_write": [],
-                                    "before_outside_model": [], "after_outside_model": []}
+                                    "before_outside_model": [], "after_outside_model": [],
+                                    "before_write_only": [], "after_write_only": []}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "in"
         folder.mkdir()
@@ -159,6 +167,21 @@ def main() -> None:
                 b = np.asarray(Image.open(out_a / f"{p.stem}_mask.png"))
                 assert np.array_equal(a, b), p
 
+        # the write path alone, many times, on one image's result (no model noise)
+        image = read_image(paths[0])
+        result = seg(image)
+        for rep in range(args.write_reps):
+            order = ("before", "after") if rep % 2 == 0 else ("after", "before")
+            for variant in order:
+                target = Path(tmp) / f"w{variant}{rep}"
+                target.mkdir()
+                start = time.perf_counter()
+                if variant == "before":
+                    write_before(seg, paths[0], image, result, target)
+                else:
+                    real_write(seg, paths[0], image, result, driver.output_paths(target, paths[0].stem))
+                rows[f"{variant}_write_only"].append(time.perf_counter() - start)
+
     med = {k: statistics.median(v) for k, v in rows.items()}
     table = Table(title=f"segment per image ({args.images} images × {args.repeats} rounds, tiny models, "
                         f"{'no SAM' if args.no_sam else 'SAM on'}, {args.device}; median of rounds)")
@@ -167,14 +190,17 @@ def main() -> None:
     for name, b, a in (("whole image", med["before"], med["after"]),
                        ("outside the model (read, plan, write)", med["before_outside_model"],
                         med["after_outside_model"]),
-                       ("writing outputs", med["before_write"], med["after_write"])):
+                       ("writing outputs", med["before_write"], med["after_write"]),
+                       (f"writing only ×{args.write_reps}, one image", med["before_write_only"],
+                        med["after_write_only"])):
         table.add_row(name, f"{b:.4f}", f"{a:.4f}", f"{100 * (a / b - 1):+.1f}%")
     console.print(table)
     result = {"images": args.images, "repeats": args.repeats, "sam": not args.no_sam, "device": args.device,
               "per_image_s": rows, "median_s": med,
               "change_whole": med["after"] / med["before"] - 1,
               "change_outside_model": med["after_outside_model"] / med["before_outside_model"] - 1,
-              "change_write": med["after_write"] / med["before_write"] - 1}
+              "change_write": med["after_write"] / med["before_write"] - 1,
+              "change_write_only": med["after_write_only"] / med["before_write_only"] - 1}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     console.print(f"wrote {args.json}")
