@@ -6,7 +6,7 @@ windows of several images). Windows are grouped by their padded size — images 
 crop, or of other sizes, share a pass only with windows of the same size ("where sizes allow").
 Heads that work on the whole image (Trident's, whose proxy mean runs over its batch of windows) run
 image by image. Everything after the features (PAMR, classification, SD, SAM) runs per image, as
-`Segmenter.__call__` does.
+`Segmenter.finish` does for `Segmenter.__call__`.
 """
 
 from __future__ import annotations
@@ -18,16 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import S2ClipError
-from ..pipeline.segmenter import SegmentationResult, Segmenter
-from ..pipeline.transforms import resize_short_side
+from ..pipeline.segmenter import SegmentationResult, Segmenter, check_image
 from ..pipeline.windows import Stitcher, WindowBatch
 from ..profiling import StageTimer
-
-
-def _check_image(image: np.ndarray) -> None:
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise S2ClipError(f"expected an HxWx3 uint8 RGB image, got {image.shape} {image.dtype}")
 
 
 def _batched_logits(seg: Segmenter, images: list[np.ndarray], timers: list[StageTimer],
@@ -69,28 +62,6 @@ def _batched_logits(seg: Segmenter, images: list[np.ndarray], timers: list[Stage
     return [t for t in logits if t is not None]
 
 
-def _labels(seg: Segmenter, image: np.ndarray, logits: Tensor, timer: StageTimer) -> SegmentationResult:
-    """`Segmenter.__call__` from the stitched maps on: PAMR, classification, SD, SAM, labels at the
-    image's size."""
-    cfg = seg.config
-    work_image = image
-    if cfg.work_resolution == "resized":
-        work_image = resize_short_side(image, cfg.short_side, cfg.max_long_side)
-    size = work_image.shape[:2]
-    if cfg.pamr:
-        with timer("pamr"):
-            logits = seg.refine_pamr(image, logits, size)
-    with timer("classify"):
-        labels, probs = seg.classify(logits, size)
-    if cfg.sd:
-        labels, probs = seg.refine_sd(work_image, probs, timer)
-    if seg.uses_sam_prompts:
-        labels, probs = seg.refine(work_image, labels, probs, timer)
-    if tuple(labels.shape) != image.shape[:2]:
-        labels = F.interpolate(labels[None, None].float(), size=image.shape[:2], mode="nearest")[0, 0]
-    return SegmentationResult(labels.cpu().numpy().astype(np.int64), probs, timer.times)
-
-
 def segment_many(seg: Segmenter, images: list[np.ndarray]) -> list[SegmentationResult]:
     """Segment `images` (H×W×3 uint8 RGB each) with their windows batched across images; the same
     labels as ``[seg(image) for image in images]``. A stage run for all images together is timed
@@ -98,12 +69,12 @@ def segment_many(seg: Segmenter, images: list[np.ndarray]) -> list[SegmentationR
     if len(images) <= 1:
         return [seg(image) for image in images]
     for image in images:
-        _check_image(image)
+        check_image(image)
     timers = [seg.timer() for _ in images]
     shared = seg.timer()
     with torch.no_grad():
         logits = _batched_logits(seg, images, timers, shared)
-        results = [_labels(seg, image, maps, timer) for image, maps, timer in zip(images, logits, timers, strict=True)]
+        results = [seg.finish(image, maps, timer) for image, maps, timer in zip(images, logits, timers, strict=True)]
     for result in results:
         for stage, seconds in shared.times.items():
             result.timings[stage] = result.timings.get(stage, 0.0) + seconds / len(images)

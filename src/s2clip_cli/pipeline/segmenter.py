@@ -433,23 +433,35 @@ class Segmenter:
         features, stitching, PAMR when configured, classification."""
         timer = timer or self.timer()
         with torch.no_grad():
-            logits = self.predict_logits(image, timer)
-            if self.config.pamr:
-                with timer("pamr"):
-                    logits = self.refine_pamr(image, logits, size)
-            with timer("classify"):
-                return self.classify(logits, size)
+            return self.coarse_from_logits(image, self.predict_logits(image, timer), size, timer)
+
+    def coarse_from_logits(self, image: np.ndarray, logits: Tensor, size: tuple[int, int],
+                           timer: StageTimer) -> tuple[Tensor, Tensor]:
+        """`coarse` from the stitched per-name maps of `image` (`predict_logits`): PAMR when
+        configured, classification."""
+        if self.config.pamr:
+            with timer("pamr"):
+                logits = self.refine_pamr(image, logits, size)
+        with timer("classify"):
+            return self.classify(logits, size)
 
     def __call__(self, image: np.ndarray, *, refine: bool | None = None) -> SegmentationResult:
         """Segment one H×W×3 uint8 RGB image; labels at its own size."""
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise S2ClipError(f"expected an HxWx3 uint8 RGB image, got {image.shape} {image.dtype}")
+        check_image(image)
         timer = self.timer()
+        with torch.no_grad():
+            return self.finish(image, self.predict_logits(image, timer), timer, refine=refine)
+
+    def finish(self, image: np.ndarray, logits: Tensor, timer: StageTimer, *,
+               refine: bool | None = None) -> SegmentationResult:
+        """Everything after the stitched per-name maps of `image` (`predict_logits`): PAMR,
+        classification, SD, SAM, labels at the image's own size. `segment --batch` computes the
+        maps of several images in shared forward passes and finishes each image here."""
         with torch.no_grad():
             work_image = image
             if self.config.work_resolution == "resized":
                 work_image = resize_short_side(image, self.config.short_side, self.config.max_long_side)
-            labels, probs = self.coarse(image, work_image.shape[:2], timer)
+            labels, probs = self.coarse_from_logits(image, logits, work_image.shape[:2], timer)
             if self.config.sd:
                 labels, probs = self.refine_sd(work_image, probs, timer)
             do_refine = self.uses_sam_prompts if refine is None else refine
@@ -458,6 +470,12 @@ class Segmenter:
             if tuple(labels.shape) != image.shape[:2]:
                 labels = F.interpolate(labels[None, None].float(), size=image.shape[:2], mode="nearest")[0, 0]
         return SegmentationResult(labels.cpu().numpy().astype(np.int64), probs, timer.times)
+
+
+def check_image(image: np.ndarray) -> None:
+    """What the Segmenter takes: an H×W×3 uint8 RGB array (one-line error otherwise)."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise S2ClipError(f"expected an HxWx3 uint8 RGB image, got {image.shape} {image.dtype}")
 
 
 def renormalized(probs: Tensor) -> Tensor:
