@@ -345,6 +345,26 @@ def test_exclusive_lock_refuses_a_live_holder_and_takes_over_a_stale_file(tmp_pa
     assert not lock.exists()
 
 
+def test_exclusive_lock_never_follows_a_planted_link_or_opens_a_fifo(tmp_path: Path) -> None:
+    import os
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me\n")
+    link = tmp_path / "work" / ".lock"
+    link.parent.mkdir()
+    link.symlink_to(victim)
+    with pytest.raises(S2ClipError, match=r"lock file .*\.lock: it is a symbolic link$"):
+        with exclusive_lock(link, _busy):
+            pass
+    assert victim.read_text() == "keep me\n"  # not truncated, no pid written into it
+    fifo = tmp_path / "fifo" / ".lock"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    with pytest.raises(S2ClipError, match=r"lock file .*\.lock: it is not a regular file$"):
+        with exclusive_lock(fifo, _busy):
+            pass
+
+
 def test_exclusive_lock_retries_when_the_holder_removed_the_file(tmp_path: Path, monkeypatch) -> None:
     """A process that opened the file just before its holder removed it must not lock the orphan."""
     import s2clip_cli.io.files as files

@@ -6,11 +6,13 @@ into place once complete, so an interrupted run never leaves a half-written file
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
 import secrets
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -124,10 +126,14 @@ def exclusive_lock(path: Path, busy: Callable[[str], str], *, remove: bool = Fal
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link or into a FIFO/device planted under the lock's name
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         except OSError as exc:
-            raise S2ClipError(f"cannot open the lock file {path}: {exc.strerror or exc}") from None
+            reason = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or exc
+            raise S2ClipError(f"cannot open the lock file {path}: {reason}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise S2ClipError(f"cannot open the lock file {path}: it is not a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
