@@ -132,7 +132,8 @@ def _run_record(seg: Segmenter) -> dict[str, Any]:
     }
 
 
-def _shares(labels: np.ndarray, names: list[str]) -> dict[str, float]:
+def pixel_shares(labels: np.ndarray, names: list[str]) -> dict[str, float]:
+    """Each class's share of the pixels (rounded to 6 digits), as the JSON records and `serve` give it."""
     return {name: round(float(s), 6) for name, s in zip(names, class_shares(labels, len(names)), strict=True)}
 
 
@@ -147,7 +148,7 @@ def image_record(seg: Segmenter, path: Path, image: np.ndarray, result: Segmenta
         "class_names": seg.queries.class_names,
         "has_background": seg.queries.has_background,
         "mask_png": mask_png_kind(len(labels)),
-        "pixel_share": _shares(result.labels, labels),
+        "pixel_share": pixel_shares(result.labels, labels),
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
         "config": record_config or {},
         "run": _run_record(seg),
@@ -369,7 +370,7 @@ class _Run:
                         writer.write(blend_labels(frame, result.labels, self.palette))
                         frames.append({"index": index, "time_s": round(index / video.fps, 4),
                                        "mask": str(targets["frames"] / mask_name),
-                                       "pixel_share": _shares(result.labels, self.labels)})
+                                       "pixel_share": pixel_shares(result.labels, self.labels)})
                         for stage, seconds in result.timings.items():
                             timings[stage] = timings.get(stage, 0.0) + seconds
                     self.progress.advance(task, len(pending))

@@ -28,14 +28,14 @@ from ..config import PRECISIONS
 from ..data.class_names import parse_class_list
 from ..errors import S2ClipError, one_line
 from ..io.images import read_image
-from ..io.outputs import class_shares, make_palette, save_mask_png
+from ..io.outputs import make_palette, save_mask_png
 from ..methods import METHODS, get_method
 from ..models.factory import LoadedModels
 from ..models.precision import dtype_name
 from ..pipeline.segmenter import Segmenter, SegmenterConfig
 from .evaluate import ModelPool
 from .methods import method_config
-from .segment import background_names
+from .segment import background_names, pixel_shares
 
 T = TypeVar("T")
 
@@ -91,8 +91,7 @@ class SegmentOutcome:
 
     @property
     def shares(self) -> dict[str, float]:
-        values = class_shares(self.labels, len(self.classes))
-        return {name: round(float(s), 6) for name, s in zip(self.classes, values, strict=True)}
+        return pixel_shares(self.labels, self.classes)
 
     @property
     def palette(self) -> np.ndarray:
