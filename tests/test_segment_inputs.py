@@ -292,3 +292,21 @@ def test_errors_stay_on_one_line_when_stderr_is_a_pipe(tmp_path: Path) -> None:
     for path, line in zip(bad, errors, strict=False):
         assert str(path) in line and line.endswith(")")  # the whole message on its line
     assert "done 0, skipped 0, failed 2" in proc.stderr
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_batch_and_video_run_under_low_precision(tmp_path: Path, precision: str) -> None:
+    """What CUDA users run (fp16/bf16 autocast), on the CPU: --batch across images and a video."""
+    for i in range(2):
+        save_image(tmp_path / "in" / f"{i}.png", (40, 50), seed=i)
+    write_video(tmp_path / "in" / "clip.mp4", 3)
+    out = tmp_path / "out"
+    code, _, stderr = segment(str(tmp_path / "in"), "--batch", "2", "--precision", precision, "-o", str(out))
+    assert code == 0, stderr
+    assert "done 3, skipped 0, failed 0" in stderr
+    for name in ("0", "1"):
+        record = json.loads((out / f"{name}.json").read_text())
+        assert record["run"]["precision"] == precision
+        assert np.asarray(Image.open(out / f"{name}_mask.png")).shape == (40, 50)
+    frames = json.loads((out / "clip.json").read_text())["frames"]
+    assert [f["index"] for f in frames] == [0, 1, 2]

@@ -131,6 +131,18 @@ def test_json_decodes_to_the_labels_segment_writes(client: TestClient, photo: by
     assert {"queue", "total"} <= set(record["timings_s"])
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_request_under_low_precision_matches_segment(client: TestClient, photo: bytes, tmp_path: Path,
+                                                     precision: str) -> None:
+    """What CUDA users run (fp16/bf16 autocast), on the CPU, SAM on: the answer is segment's."""
+    response = post(client, photo, classes="cat,sofa", precision=precision)
+    assert response.status_code == 200, response.text
+    record = response.json()
+    assert record["run"]["precision"] == precision and record["run"]["sam"] == "vit_b"
+    expected, _ = segment_cli_labels(tmp_path, photo, "--classes", "cat,sofa", "--precision", precision)
+    np.testing.assert_array_equal(decode_labels(record), expected)
+
+
 def test_no_background_labels_are_not_trivial(client: TestClient, photo: bytes) -> None:
     """(The parity test above means something: the tiny models split this photo.)"""
     record = post(client, photo, classes="cat,floor; carpet,wall", no_background="true").json()
