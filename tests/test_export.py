@@ -5,6 +5,7 @@ hostile class names, empty and 16-bit label maps are handled."""
 from __future__ import annotations
 
 import json
+import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -485,3 +486,178 @@ def test_any_integer_dtype_exports_the_same(tmp_path: Path, dtype: type) -> None
     written = _export(tmp_path, {"scene.png": scene.astype(dtype)}, ["coco", "cvat"])
     np.testing.assert_array_equal(_coco_labels(COCO(str(written["coco"])), 1), scene)
     assert len(ET.parse(written["cvat"]).getroot().find("image").findall("mask")) == 11
+
+
+# --------------------------------------------------------------------------- names and ids (issue 26)
+
+
+def _cvat_items(xml: Path, images_root: Path) -> dict[str, ET.Element]:
+    """The ``<image>`` elements of a CVAT 1.1 file by item id, under the rule CVAT and Datumaro's
+    CVAT importer apply: each name is the frame's path relative to the task's root (an image that
+    exists there), and item ids (the name without its extension) are unique — Datumaro refuses a
+    file that repeats one (``RepeatedItemError``), CVAT would put one image's masks on the other."""
+    items: dict[str, ET.Element] = {}
+    for element in ET.parse(xml).getroot().iter("image"):
+        name = element.get("name")
+        assert not Path(name).is_absolute() and ".." not in Path(name).parts, name
+        assert (images_root / name).is_file(), f"no frame named {name}"
+        item_id = str(Path(name).with_suffix(""))
+        assert item_id not in items, f"item {item_id!r} repeated"
+        items[item_id] = element
+    return items
+
+
+def test_equal_file_names_in_different_folders_stay_apart_in_every_format(tmp_path: Path) -> None:
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    first, second = _scene(), _smooth_labels(30, 40, len(CLASSES), seed=8)
+    for name in ("street.png", "trip/street.png"):
+        (photos / name).parent.mkdir(parents=True, exist_ok=True)
+        (photos / name).write_bytes(b"an image")
+    session = ExportSession(out, ALL, CLASSES, True, polygon_tolerance=0)
+    session.write_image(photos / "trip/street.png", "trip/street.png", second)  # any order
+    session.write_image(photos / "street.png", "street.png", first)
+    written = session.finish()
+    truth = {"street.png": first, "trip/street.png": second}
+    coco = COCO(str(written["coco"]))
+    assert [i["file_name"] for i in coco.dataset["images"]] == ["street.png", "trip/street.png"]
+    for image in coco.dataset["images"]:
+        np.testing.assert_array_equal(_coco_labels(coco, image["id"]), truth[image["file_name"]])
+    items = _cvat_items(written["cvat"], photos)
+    assert sorted(items) == ["street", "trip/street"]
+    for element in items.values():
+        labels = truth[element.get("name")]
+        rebuilt = np.zeros_like(labels)
+        for mask in element.iter("mask"):
+            rebuilt[_decode_cvat_mask(mask, *labels.shape)] = CLASSES.index(mask.get("label"))
+        np.testing.assert_array_equal(rebuilt, labels)
+    tasks = json.loads(written["labelstudio"].read_text(encoding="utf-8"))
+    assert [t["data"]["image"] for t in tasks] == ["street.png", "trip/street.png"]
+    ids = [r["id"] for t in tasks for r in t["predictions"][0]["result"]]
+    assert len(ids) == len(set(ids))
+    for stem, labels in (("street", first), ("trip/street", second)):
+        document = json.loads((out / f"{stem}_polygons.json").read_text(encoding="utf-8"))
+        np.testing.assert_array_equal(rasterize(read_polygons(document), *labels.shape), labels)
+        index = json.loads((out / f"{stem}_masks" / "index.json").read_text(encoding="utf-8"))
+        assert document["image"] == index["image"] == f"{stem}.png"
+        for file_name, entry in index["files"].items():
+            png = np.array(Image.open(out / f"{stem}_masks" / file_name))
+            np.testing.assert_array_equal(png == 255, labels == entry["mask_value"])
+        # Ultralytics finds an image's labels by replacing /images/ with /labels/ and the suffix with .txt
+        image_path = f"{out}/yolo/images/{stem}.png"
+        label_path = "/labels/".join(image_path.rsplit("/images/", 1)).rsplit(".", 1)[0] + ".txt"
+        assert Path(label_path).is_file()
+    assert (out / "trip" / "street_polygons.json").is_file() and not list(out.glob("*__*"))
+
+
+def test_run_files_are_the_same_whatever_order_images_come_in(tmp_path: Path) -> None:
+    """Per-run files depend on the images, not on the order they were segmented or skipped in (a
+    merge of several runs' files renumbers with the same io.naming functions)."""
+    images = {"b.png": _scene(), "a/z.png": _smooth_labels(20, 30, 4, 9), "a.png": _scene()[::-1],
+              "trip/day2/c.jpg": _smooth_labels(25, 20, 4, 10)}
+    contents = []
+    for run, order in enumerate((list(images), list(reversed(images)))):
+        session = ExportSession(tmp_path / str(run), ALL, CLASSES, True)
+        for k, name in enumerate(order):
+            (session.write_image if k % 2 else session.add_existing)(Path("in") / name, name, images[name])
+        written = session.finish()
+        contents.append({key: path.read_bytes() for key, path in written.items() if key != "yolo_data"})
+    assert contents[0] == contents[1]
+    coco = json.loads(contents[0]["coco"])
+    # by path parts, as a sorted folder walk lists them (the folder a/ before a.png)
+    assert [i["file_name"] for i in coco["images"]] == ["a/z.png", "a.png", "b.png", "trip/day2/c.jpg"]
+    assert [i["id"] for i in coco["images"]] == [1, 2, 3, 4]
+    assert [a["id"] for a in coco["annotations"]] == list(range(1, len(coco["annotations"]) + 1))
+
+
+def test_a_discarded_image_leaves_the_run_files(tmp_path: Path) -> None:
+    session = ExportSession(tmp_path, ALL, CLASSES, True)
+    session.write_image(Path("a.png"), "a.png", _scene())
+    session.write_image(Path("b.png"), "b.png", _scene())
+    session.discard("a.png")
+    written = session.finish()
+    assert [i["file_name"] for i in json.loads(written["coco"].read_text())["images"]] == ["b.png"]
+    assert [t["data"]["image"] for t in json.loads(written["labelstudio"].read_text())] == ["b.png"]
+    assert [i.get("name") for i in ET.parse(written["cvat"]).getroot().iter("image")] == ["b.png"]
+
+
+def test_two_names_with_one_stem_are_refused(tmp_path: Path) -> None:
+    session = ExportSession(tmp_path, ["coco", "polygons"], CLASSES, True)
+    session.write_image(Path("a.png"), "trip/a.png", _scene())
+    with pytest.raises(S2ClipError, match=r"images 'trip/a.png' and 'trip/a.jpg' would write the same export "
+                                          r"files \(trip/a\)"):
+        session.write_image(Path("a.jpg"), "trip/a.jpg", _scene())
+    session.write_image(Path("a.png"), "trip/a.png", _scene())  # the same image again is fine
+
+
+def test_without_background_ids_start_at_1_and_map_to_the_mask_values(tmp_path: Path) -> None:
+    classes = ["sky", "sea", "sand"]
+    labels = _smooth_labels(30, 40, 3, seed=11)
+    assert set(np.unique(labels)) == {0, 1, 2}
+    written = _export(tmp_path, {"beach.png": labels}, ALL, classes=classes, has_background=False,
+                      polygon_tolerance=0)
+    coco = COCO(str(written["coco"]))
+    assert [(c["id"], c["name"], c["mask_value"]) for c in coco.dataset["categories"]] == [
+        (1, "sky", 0), (2, "sea", 1), (3, "sand", 2)]
+    assert min(a["category_id"] for a in coco.dataset["annotations"]) == 1
+    np.testing.assert_array_equal(_coco_labels(coco, 1), labels)  # every pixel, label 0 included
+    document = json.loads((tmp_path / "beach_polygons.json").read_text())
+    assert {(o["category_id"], o["mask_value"]) for o in document["objects"]} == {(1, 0), (2, 1), (3, 2)}
+    np.testing.assert_array_equal(rasterize(read_polygons(document), *labels.shape), labels)
+    index = json.loads((tmp_path / "beach_masks" / "index.json").read_text())
+    assert {name: (e["category_id"], e["mask_value"]) for name, e in index["files"].items()} == {
+        "001_sky.png": (1, 0), "002_sea.png": (2, 1), "003_sand.png": (3, 2)}
+    data = yaml.safe_load(written["yolo_data"].read_text())
+    assert data["names"] == {0: "sky", 1: "sea", 2: "sand"}  # YOLO's own indices, from 0
+    assert "class i is the value i in the" in written["yolo_data"].read_text()
+
+
+def test_cvat_label_names_over_64_characters_are_refused_up_front(tmp_path: Path) -> None:
+    from s2clip_cli.io.export import check_class_names
+
+    long_name = "a very long description of a class " * 2  # 70 characters
+    for formats in (["cvat"], ["png", "coco", "cvat"]):
+        with pytest.raises(S2ClipError) as info:
+            ExportSession(tmp_path, formats, ["background", "cat", long_name], True)
+        message = str(info.value)
+        assert "\n" not in message and repr(long_name) in message and "70 characters" in message
+        assert "CVAT label names hold at most 64" in message and "'short; long name'" in message
+    check_class_names(["cvat"], ["background", "x" * 64, "猫" * 64], True)  # characters, not bytes
+    with pytest.raises(S2ClipError, match="65 characters"):
+        check_class_names(["cvat"], ["x" * 65], False)
+    check_class_names(["cvat"], ["b" * 99, "cat"], True)  # the background is not a CVAT label
+    for fmt in ("coco", "polygons", "masks", "yolo", "labelstudio"):  # no limit there
+        ExportSession(tmp_path, [fmt], ["background", long_name * 4], True)
+    with pytest.raises(S2ClipError, match="XML"):
+        check_class_names(["labelstudio"], ["bg", "bell\x07"], True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_image_names_xml_or_utf_8_cannot_carry_fail_alone(tmp_path: Path) -> None:
+    session = ExportSession(tmp_path, ["cvat", "coco"], CLASSES, True)
+    with pytest.raises(S2ClipError, match="image name 'bell\\\\x07.png' holds a control character"):
+        session.write_image(Path("bell\x07.png"), "bell\x07.png", _scene())
+    undecodable = os.fsdecode(b"caf\xe9.png")
+    with pytest.raises(S2ClipError, match="not UTF-8"):
+        session.write_image(Path(undecodable), undecodable, _scene())
+    session.write_image(Path("ok.png"), "ok.png", _scene())
+    written = session.finish()
+    assert [i.get("name") for i in ET.parse(written["cvat"]).getroot().iter("image")] == ["ok.png"]
+    ExportSession(tmp_path / "c", ["coco"], CLASSES, True).write_image(Path("x"), "bell\x07.png", _scene())
+
+
+def test_naming_rules() -> None:
+    from s2clip_cli.io import naming
+
+    assert naming.image_order(["trip.png", "trip/b.png", "a.png", "B.png"]) == ["B.png", "a.png", "trip/b.png",
+                                                                                  "trip.png"]
+    assert naming.image_ids(["b.png", "a.png"]) == {"a.png": 1, "b.png": 2}
+    assert [naming.name_stem(n) for n in ("trip/street.png", "a.tar.gz", "..png", "noext", "d.x/.hidden")] == [
+        "trip/street", "a.tar", "..png", "noext", "d.x/.hidden"]
+    for has_background in (True, False):
+        values = range(1 if has_background else 0, 5)
+        ids = [naming.category_id(v, has_background) for v in values]
+        assert ids[0] == 1 and ids == list(range(1, len(ids) + 1))
+        assert [naming.mask_value(i, has_background) for i in ids] == list(values)
+        assert [naming.yolo_index(v, has_background) for v in values] == list(range(len(ids)))
+    with pytest.raises(ValueError):
+        naming.category_id(0, True)

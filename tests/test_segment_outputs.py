@@ -251,8 +251,14 @@ def test_failed_set_removes_its_export_files(tmp_path: Path, monkeypatch: pytest
 
     monkeypatch.setattr(driver, "write_json", failing_write_json)
     out = tmp_path / "out"
-    code, _, stderr = segment(str(tmp_path / "in"), "--format", "png,polygons,masks,yolo", "-o", str(out))
+    code, _, stderr = segment(str(tmp_path / "in"), "--format", "png,polygons,masks,yolo,coco,labelstudio,cvat",
+                              "-o", str(out))
     assert code == 1 and f"cannot write {out}/a.json: No space left on device" in stderr
     left = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     assert not [name for name in left if name.startswith("a")] and "yolo/labels/a.txt" not in left, left
     assert "b.json" in left and "b_polygons.json" in left and "yolo/labels/b.txt" in left
+    # the run-level files list the images whose sets were written, not the failed one
+    assert [i["file_name"] for i in json.loads((out / "coco.json").read_text())["images"]] == ["b.png"]
+    assert [t["data"]["image"] for t in json.loads((out / "labelstudio.json").read_text())] == ["b.png"]
+    assert '<image id="0" name="b.png"' in (out / "cvat.xml").read_text() and 'name="a.png"' not in (
+        out / "cvat.xml").read_text()

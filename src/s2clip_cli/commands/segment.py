@@ -433,13 +433,13 @@ def _check_disjoint(sources: list[Source], targets: dict[Path, dict[str, Path]],
             if other is not source:
                 raise S2ClipError(f"{other.path} and {source.path} would write the same outputs ({path}); "
                                   "rename one of them")
-    reserved = {f.resolve(): source for source in sources for f in folders[source.path]}
+    reserved = {f.resolve(): (source, f) for source in sources for f in folders[source.path]}
     for source in sources:
         for path in targets[source.path].values():
             for folder in path.resolve().parents:
-                other = reserved.get(folder)
-                if other is not None and other is not source:
-                    raise S2ClipError(f"{source.path} would write {path} into {folder}, which holds the outputs "
+                other, named = reserved.get(folder, (source, folder))
+                if other is not source:
+                    raise S2ClipError(f"{source.path} would write {path} into {named}, which holds the outputs "
                                       f"of {other.path}; rename one of them")
 
 
