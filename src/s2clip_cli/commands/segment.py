@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,15 +231,19 @@ class _Plan:
         check_unique_names(sources)
         targets = {s.path: self.targets(s) for s in sources}
         folders = {s.path: self.own_folders(s) for s in sources}
-        outputs = {p.resolve() for t in targets.values() for p in t.values()}
-        own_folders = {f.resolve() for fs in folders.values() for f in fs}
+        resolve = _resolver()
+        resolved = {s.path: [(p, resolve(p)) for p in targets[s.path].values()] for s in sources}
+        resolved_folders = {s.path: [(f, resolve(f)) for f in folders[s.path]] for s in sources}
+        outputs = {r for pairs in resolved.values() for _, r in pairs}
+        taken = outputs | {r for pairs in resolved_folders.values() for _, r in pairs}
         # files found in folders or by patterns that are outputs of this run are not inputs
-        self.sources = [s for s in sources if s.named or not _under(s.path.resolve(), outputs | own_folders)]
+        inputs = {s.path: resolve(s.path) for s in sources}
+        self.sources = [s for s in sources if s.named or not _under(inputs[s.path], taken)]
         for source in self.sources:
-            if source.path.resolve() in outputs:
+            if inputs[source.path] in outputs:
                 raise S2ClipError(f"an output of this run would replace the input {source.path}; "
                                   "choose another output folder (-o)")
-        _check_disjoint(self.sources, targets, folders)
+        _check_disjoint(self.sources, resolved, resolved_folders)
         self.state = {s.path: output_state(targets[s.path]) for s in self.sources}
         self._targets = targets
 
@@ -422,24 +426,40 @@ class _Run:
             self.exports.add_existing(source.path, source.image_name, labels)
 
 
-def _check_disjoint(sources: list[Source], targets: dict[Path, dict[str, Path]],
-                    folders: dict[Path, list[Path]]) -> None:
+def _resolver() -> Callable[[Path], Path]:
+    """``Path.resolve`` for many paths in few folders: each folder resolved once, a file only when
+    it is a link."""
+    folders: dict[Path, Path] = {}
+
+    def resolve(path: Path) -> Path:
+        parent = folders.get(path.parent)
+        if parent is None:
+            parent = folders[path.parent] = path.parent.resolve()
+        full = parent / path.name
+        return full.resolve() if full.is_symlink() else full
+
+    return resolve
+
+
+def _check_disjoint(sources: list[Source], targets: dict[Path, list[tuple[Path, Path]]],
+                    folders: dict[Path, list[tuple[Path, Path]]]) -> None:
     """`S2ClipError` naming both inputs when one would write a file another writes, or into a folder
-    that holds another's outputs only (``clip_frames/clip_000000.png`` beside ``clip.mp4``)."""
+    that holds another's outputs only (``clip_frames/clip_000000.png`` beside ``clip.mp4``).
+    ``targets`` and ``folders``: each input's output files and own folders, as (path, resolved)."""
     owner: dict[Path, Source] = {}
     for source in sources:
-        for path in [*targets[source.path].values(), *folders[source.path]]:
-            other = owner.setdefault(path.resolve(), source)
+        for path, resolved in [*targets[source.path], *folders[source.path]]:
+            other = owner.setdefault(resolved, source)
             if other is not source:
                 raise S2ClipError(f"{other.path} and {source.path} would write the same outputs ({path}); "
                                   "rename one of them")
-    reserved = {f.resolve(): (source, f) for source in sources for f in folders[source.path]}
+    reserved = {resolved: (source, folder) for source in sources for folder, resolved in folders[source.path]}
     for source in sources:
-        for path in targets[source.path].values():
-            for folder in path.resolve().parents:
-                other, named = reserved.get(folder, (source, folder))
+        for path, resolved in targets[source.path]:
+            for parent in resolved.parents:
+                other, folder = reserved.get(parent, (source, parent))
                 if other is not source:
-                    raise S2ClipError(f"{source.path} would write {path} into {named}, which holds the outputs "
+                    raise S2ClipError(f"{source.path} would write {path} into {folder}, which holds the outputs "
                                       f"of {other.path}; rename one of them")
 
 
