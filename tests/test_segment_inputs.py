@@ -117,6 +117,29 @@ def test_colliding_output_names_are_refused(tree: Path) -> None:
         check_unique_names(collect_sources([tree / "a.jpg", tree / "sub" / "a.jpg"]))
 
 
+def test_image_names_are_paths_relative_to_the_input_root(tree: Path, tmp_path: Path) -> None:
+    found = collect_sources([tree], recursive=True, skip_dirs=[tree / "out"])
+    assert [s.image_name for s in found] == ["a.jpg", "b.PNG", "clip.mp4", "sub/c.png", "sub/deeper/d.webp"]
+    assert [s.image_name for s in collect_sources([str(tree / "**" / "*.png")])] == ["out/f.png", "sub/c.png"]
+    assert collect_sources([tree / "sub" / "deeper" / "d.webp"])[0].image_name == "d.webp"  # named: its file name
+
+
+def test_no_name_leads_outside_the_output_folder(tree: Path, tmp_path: Path) -> None:
+    # a pattern whose match climbs out of its fixed folders
+    with pytest.raises(S2ClipError, match=r"pattern .* matches .*a.jpg, outside its folder"):
+        collect_sources([str(tree / "sub" / "*" / ".." / ".." / "*.jpg")])
+    found = collect_sources([str(tree / "sub" / "deeper" / ".." / "*.png")])  # climbs, stays inside
+    assert [(s.name, s.image_name) for s in found] == [("c", "c.png")]
+    # a file whose stem would be '.' or '..' keeps its whole name (Path('..png').stem is '.')
+    for file_name in ("..png", ".x.png", "...png"):
+        (tmp_path / file_name).write_bytes(b"x")
+        (source,) = collect_sources([tmp_path / file_name])
+        assert source.name not in (".", "..") and "/" not in source.name
+        out = tmp_path / "out"
+        assert (out / source.name).parent == out
+    assert collect_sources([tmp_path / "..png"])[0].name == "..png"
+
+
 # ----------------------------------------------------------------------------------- videos
 
 

@@ -208,16 +208,16 @@ def test_export_formats_cover_skipped_images(tmp_path: Path) -> None:
     out = tmp_path / "out"
     code, _, stderr = segment(str(photos), "-r", "--format", "png,polygons,masks,coco", "-o", str(out))
     assert code == 0, stderr
-    for stem, name in (("a", "a"), ("trip__b", "trip/b")):
-        assert (out / f"{stem}_polygons.json").is_file() and (out / f"{stem}_masks" / "index.json").is_file()
+    for name in ("a", "trip/b"):  # the export files mirror sub-folders as the masks do
+        assert (out / f"{name}_polygons.json").is_file() and (out / f"{name}_masks" / "index.json").is_file()
         record = json.loads((out / f"{name}.json").read_text())
-        assert record["outputs"]["export:polygons"] == str(out / f"{stem}_polygons.json")
+        assert record["outputs"]["export:polygons"] == str(out / f"{name}_polygons.json")
     save_image(photos / "c.png", seed=3)
     code, _, stderr = segment(str(photos), "-r", "--format", "png,polygons,masks,coco", "-o", str(out))
     assert code == 0 and "done 1, skipped 2" in stderr, stderr
     coco = COCO(str(out / "coco.json"))
-    files = sorted(Path(img["file_name"]).name for img in coco.loadImgs(coco.getImgIds()))
-    assert files == ["a.png", "b.png", "c.png"]  # the skipped images are in the run-level file too
+    files = [img["file_name"] for img in coco.loadImgs(coco.getImgIds())]
+    assert files == ["a.png", "c.png", "trip/b.png"]  # the skipped images are in the run-level file too
     # the class-mask PNGs of an export are never taken as inputs (nor masks and overlays)
     with pytest.raises(S2ClipError, match="contains no images"):
         collect_sources([out], recursive=True)
@@ -251,8 +251,14 @@ def test_failed_set_removes_its_export_files(tmp_path: Path, monkeypatch: pytest
 
     monkeypatch.setattr(driver, "write_json", failing_write_json)
     out = tmp_path / "out"
-    code, _, stderr = segment(str(tmp_path / "in"), "--format", "png,polygons,masks,yolo", "-o", str(out))
+    code, _, stderr = segment(str(tmp_path / "in"), "--format", "png,polygons,masks,yolo,coco,labelstudio,cvat",
+                              "-o", str(out))
     assert code == 1 and f"cannot write {out}/a.json: No space left on device" in stderr
     left = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     assert not [name for name in left if name.startswith("a")] and "yolo/labels/a.txt" not in left, left
     assert "b.json" in left and "b_polygons.json" in left and "yolo/labels/b.txt" in left
+    # the run-level files list the images whose sets were written, not the failed one
+    assert [i["file_name"] for i in json.loads((out / "coco.json").read_text())["images"]] == ["b.png"]
+    assert [t["data"]["image"] for t in json.loads((out / "labelstudio.json").read_text())] == ["b.png"]
+    assert '<image id="0" name="b.png"' in (out / "cvat.xml").read_text() and 'name="a.png"' not in (
+        out / "cvat.xml").read_text()

@@ -113,7 +113,7 @@ def segment(
 ) -> None:
     """Label every pixel of IMAGES with one of --classes; writes mask, overlay and JSON per image
     (skipping images whose outputs exist), frame masks and an overlay video per video."""
-    from ..commands.segment import SegmentOptions, background_names, run_segment
+    from ..commands.segment import SegmentOptions, background_names, check_export_classes, run_segment
     from ..data.class_names import parse_class_list
     from ..io.files import prepare_output_dir
     from ..io.sources import collect_sources
@@ -126,6 +126,7 @@ def segment(
     refine = refine_config(sam_impl, no_cca, no_box, no_mask, no_point, min_area=min_area, mask_coeff=mask_coeff,
                            iou_thresh=iou_thresh)
     sources = collect_sources(images, recursive=recursive, skip_dirs=[output])
+    check_export_classes(formats, class_list, bg)  # before the output folder is made
     out_dir = prepare_output_dir(output)
     options = SegmentOptions(overwrite=overwrite, batch=batch, every=every, formats=tuple(formats),
                              polygon_tolerance=polygon_tolerance)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,10 +105,15 @@ def video_output_paths(out_dir: Path, name: str) -> dict[str, Path]:
     }
 
 
-def export_stem(name: str) -> str:
-    """The stem export files are named after: the output name with sub-folders joined by '__'
-    (export formats write into the output folder itself)."""
-    return name.replace("/", "__")
+def check_export_classes(formats: tuple[str, ...] | list[str], classes: list[list[str]],
+                         background: list[str] | None) -> None:
+    """The chosen export formats' limits on class names (`io.export.check_class_names`), as a
+    one-line `S2ClipError` before anything is written or loaded."""
+    if any(f != "png" for f in formats):
+        from ..io.export import check_class_names
+
+        queries = build_queries(classes, background)
+        check_class_names(formats, queries.labels, queries.has_background)
 
 
 def _summary(record: dict, top: int = 4) -> str:
@@ -164,19 +169,26 @@ def write_image_set(seg: Segmenter, path: Path, image: np.ndarray, result: Segme
                     record_config: dict[str, Any] | None = None, exports: Any = None,
                     export_name: str | None = None) -> dict[str, Any]:
     """Write one image's outputs as a set (`io.outputs.OutputSet`): the mask, the overlay (when
-    `targets` has one), the export files (`exports`, an `io.export.ExportSession`, under
-    `export_name`), then the JSON record; returns the record."""
+    `targets` has one), the export files (`exports`, an `io.export.ExportSession`, for the image
+    named `export_name`: `io.naming`, ``trip/cat.jpg``), then the JSON record; returns the record.
+    If the set fails, the image is left out of the exports' run-level files as well."""
     labels = seg.queries.labels
     palette = make_palette(len(labels), seg.queries.has_background) if palette is None else palette
-    with OutputSet(list(targets.values()), targets["json"], replace=replace) as staged:
-        save_mask_png(staged.tmp(targets["mask"]), result.labels, palette)
-        if "overlay" in targets:
-            save_overlay(staged.tmp(targets["overlay"]), image, result.labels, labels, palette)
-        if exports is not None and export_name is not None:
-            staged.adopt(exports.image_outputs(export_name).values())
-            exports.write_image(path, export_name, result.labels)
-        record = image_record(seg, path, image, result, targets, record_config)
-        write_json(staged.tmp(targets["json"]), record)
+    exporting = exports is not None and export_name is not None
+    try:
+        with OutputSet(list(targets.values()), targets["json"], replace=replace) as staged:
+            save_mask_png(staged.tmp(targets["mask"]), result.labels, palette)
+            if "overlay" in targets:
+                save_overlay(staged.tmp(targets["overlay"]), image, result.labels, labels, palette)
+            if exporting:
+                staged.adopt(exports.image_outputs(export_name).values())
+                exports.write_image(path, export_name, result.labels)
+            record = image_record(seg, path, image, result, targets, record_config)
+            write_json(staged.tmp(targets["json"]), record)
+    except BaseException:
+        if exporting:  # the set is gone: the run-level files leave the image out too
+            exports.discard(export_name)
+        raise
     return record
 
 
@@ -217,23 +229,29 @@ class _Plan:
         self.options = options
         self.exports = exports
         check_unique_names(sources)
-        if exports is not None:
-            check_unique_names([Source(s.path, export_stem(s.name), s.kind, s.named) for s in sources])
         targets = {s.path: self.targets(s) for s in sources}
-        outputs = {p.resolve() for t in targets.values() for p in t.values()}
-        out_root = out_dir.resolve()
-        # folders that hold one input's outputs only: export folders (class masks) and frame folders
-        own_folders = {p.resolve().parent for t in targets.values() for k, p in t.items() if k.startswith("export:")}
-        own_folders = {f for f in own_folders if f != out_root}
-        own_folders |= {t["frames"].resolve() for t in targets.values() if "frames" in t}
+        folders = {s.path: self.own_folders(s) for s in sources}
+        resolve = _resolver()
+        resolved = {s.path: [(p, resolve(p)) for p in targets[s.path].values()] for s in sources}
+        resolved_folders = {s.path: [(f, resolve(f)) for f in folders[s.path]] for s in sources}
+        outputs = {r for pairs in resolved.values() for _, r in pairs}
+        taken = outputs | {r for pairs in resolved_folders.values() for _, r in pairs}
         # files found in folders or by patterns that are outputs of this run are not inputs
-        self.sources = [s for s in sources if s.named or not _under(s.path.resolve(), outputs | own_folders)]
+        inputs = {s.path: resolve(s.path) for s in sources}
+        self.sources = [s for s in sources if s.named or not _under(inputs[s.path], taken)]
         for source in self.sources:
-            if source.path.resolve() in outputs:
+            if inputs[source.path] in outputs:
                 raise S2ClipError(f"an output of this run would replace the input {source.path}; "
                                   "choose another output folder (-o)")
+        _check_disjoint(self.sources, resolved, resolved_folders)
         self.state = {s.path: output_state(targets[s.path]) for s in self.sources}
         self._targets = targets
+
+    def own_folders(self, source: Source) -> list[Path]:
+        """Folders that hold this input's outputs only: a video's frame masks, an image's class masks."""
+        if source.kind == "video":
+            return [video_output_paths(self.out_dir, source.name)["frames"]]
+        return [] if self.exports is None else list(self.exports.image_folders(source.image_name).values())
 
     def targets(self, source: Source) -> dict[str, Path]:
         if source.kind == "video":
@@ -242,7 +260,7 @@ class _Plan:
         if "png" not in self.options.formats:
             del paths["overlay"]
         if self.exports is not None:
-            for fmt, path in self.exports.image_outputs(export_stem(source.name)).items():
+            for fmt, path in self.exports.image_outputs(source.image_name).items():
                 paths[f"export:{fmt}"] = path
         paths["json"] = paths.pop("json")  # the marker last
         return paths
@@ -318,7 +336,7 @@ class _Run:
                 targets = self.plan.targets_of(source)
                 record = write_image_set(self.seg, source.path, image, result, targets, palette=self.palette,
                                          replace=self.options.overwrite, record_config=self.record_config,
-                                         exports=self.exports, export_name=export_stem(source.name))
+                                         exports=self.exports, export_name=source.image_name)
                 self.counts.done += 1
                 self.out.print(f"{escape(str(source.path))} → {escape(record['outputs']['mask'])}  "
                                f"({escape(_summary(record))})", highlight=False, soft_wrap=True)
@@ -405,7 +423,44 @@ class _Run:
             return
         with self.guarded(source):
             labels = read_mask_png(self.plan.targets_of(source)["mask"], len(self.labels))
-            self.exports.add_existing(source.path, export_stem(source.name), labels)
+            self.exports.add_existing(source.path, source.image_name, labels)
+
+
+def _resolver() -> Callable[[Path], Path]:
+    """``Path.resolve`` for many paths in few folders: each folder resolved once, a file only when
+    it is a link."""
+    folders: dict[Path, Path] = {}
+
+    def resolve(path: Path) -> Path:
+        parent = folders.get(path.parent)
+        if parent is None:
+            parent = folders[path.parent] = path.parent.resolve()
+        full = parent / path.name
+        return full.resolve() if full.is_symlink() else full
+
+    return resolve
+
+
+def _check_disjoint(sources: list[Source], targets: dict[Path, list[tuple[Path, Path]]],
+                    folders: dict[Path, list[tuple[Path, Path]]]) -> None:
+    """`S2ClipError` naming both inputs when one would write a file another writes, or into a folder
+    that holds another's outputs only (``clip_frames/clip_000000.png`` beside ``clip.mp4``).
+    ``targets`` and ``folders``: each input's output files and own folders, as (path, resolved)."""
+    owner: dict[Path, Source] = {}
+    for source in sources:
+        for path, resolved in [*targets[source.path], *folders[source.path]]:
+            other = owner.setdefault(resolved, source)
+            if other is not source:
+                raise S2ClipError(f"{other.path} and {source.path} would write the same outputs ({path}); "
+                                  "rename one of them")
+    reserved = {resolved: (source, folder) for source in sources for folder, resolved in folders[source.path]}
+    for source in sources:
+        for path, resolved in targets[source.path]:
+            for parent in resolved.parents:
+                other, folder = reserved.get(parent, (source, parent))
+                if other is not source:
+                    raise S2ClipError(f"{source.path} would write {path} into {folder}, which holds the outputs "
+                                      f"of {other.path}; rename one of them")
 
 
 def _refuse_partial(plan: _Plan, counts: RunCounts, console: Console) -> None:

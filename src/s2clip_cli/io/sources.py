@@ -1,16 +1,18 @@
 """What `segment` reads: files, folders (optionally recursive), glob patterns, ``@list.txt`` files
 of paths, and videos — expanded to a list of `Source`s, each with a collision-free output name.
 
-Output names (the part of every output path after ``-o``, without its suffix):
+Output names (the part of every output path after ``-o``, without its suffix; `io.naming`):
 
 - a file named directly (argument or list entry): its stem (``photos/cat.jpg`` → ``cat``);
 - a file found in a folder: its path relative to that folder, without suffix
   (``photos/`` → ``trip/cat`` for ``photos/trip/cat.jpg`` with ``--recursive``), so sub-folders
   are mirrored under ``-o``;
 - a file matched by a pattern: its path relative to the pattern's fixed leading folders
-  (``"photos/**/*.jpg"`` → ``trip/cat``).
+  (``"photos/**/*.jpg"`` → ``trip/cat``); a match outside those folders (``photos/*/../../x.jpg``)
+  is refused.
 
-Two inputs with the same output name are refused (`check_unique_names`). Images the tool writes
+The same path with its suffix is the input's name in the export files (`Source.image_name`:
+``trip/cat.jpg``). Two inputs with the same output name are refused (`check_unique_names`). Images the tool writes
 (``*_mask.png``, ``*_overlay.png``, ``*_overlay.mp4``, the ``masks`` export's ``<stem>_masks/``
 folders) are never picked up from folders or patterns.
 """
@@ -26,6 +28,7 @@ from typing import Literal
 
 from ..errors import S2ClipError, one_line
 from .images import IMAGE_SUFFIXES
+from .naming import check_name, split_suffix
 
 VIDEO_SUFFIXES: frozenset[str] = frozenset({".mp4", ".mov", ".avi", ".mkv"})
 """Suffixes (lower-case) read as videos (frame by frame, through OpenCV)."""
@@ -46,6 +49,12 @@ class Source:
     name: str  # POSIX relative path without suffix, e.g. "cat" or "trip/cat"
     kind: Kind
     named: bool
+
+    @property
+    def image_name(self) -> str:
+        """The input's name in export files: its output name with the file's suffix (``trip/cat.jpg``),
+        its path relative to the input root as CVAT names the frames of a folder (`io.naming`)."""
+        return self.name + split_suffix(self.path.name)[1]
 
 
 def kind_of(path: Path) -> Kind:
@@ -72,7 +81,8 @@ def _wanted(path: Path) -> bool:
 
 
 def _output_name(relative: Path) -> str:
-    return str(PurePosixPath(*relative.parent.parts, relative.stem)) if relative.parent.parts else relative.stem
+    """The output name of a file at ``relative`` (a relative path of plain parts): POSIX, without suffix."""
+    return check_name(str(PurePosixPath(*relative.parent.parts, split_suffix(relative.name)[0])))
 
 
 def _list_directory(directory: Path) -> list[str]:
@@ -116,10 +126,20 @@ def _pattern_base(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path(".")
 
 
+def _pattern_name(match: str, base: Path, pattern: str) -> str:
+    """The output name of a pattern's match: its path relative to the pattern's fixed folders, with
+    ``..`` parts resolved lexically; `S2ClipError` for a match outside those folders."""
+    relative = Path(os.path.normpath(Path(match).relative_to(base)))
+    if relative.parts[0] == ".." or relative.is_absolute():
+        raise S2ClipError(f"pattern {pattern!r} matches {match}, outside its folder {base}: "
+                          "name that file directly or start the pattern from a common folder")
+    return _output_name(relative)
+
+
 def _pattern_sources(pattern: str) -> list[Source]:
     base = _pattern_base(pattern)
     matches = sorted(glob.glob(pattern, recursive=True))
-    found = [Source(Path(m), _output_name(Path(m).relative_to(base)), kind_of(Path(m)), False)
+    found = [Source(Path(m), _pattern_name(m, base, pattern), kind_of(Path(m)), False)
              for m in matches if _wanted(Path(m)) and not any(is_tool_folder(f) for f in Path(m).parents)]
     if not found:
         raise S2ClipError(f"pattern {pattern!r} matches no image or video")
@@ -146,7 +166,7 @@ def _item_sources(text: str, recursive: bool, skip: set[Path], origin: str = "")
     if path.is_dir():
         return _folder_sources(path, recursive, skip)
     if path.is_file():
-        return [Source(path, path.stem, kind_of(path), True)]
+        return [Source(path, _output_name(Path(path.name)), kind_of(path), True)]
     if path.exists() or path.is_symlink():
         raise S2ClipError(f"input {path}{origin} is not a regular file")
     if _GLOB_CHARS & set(text):

@@ -5,13 +5,18 @@ images of one run: per-image files as each image is done (``write_image``), run-
 end (``finish``). "png" (the palette mask, overlay and JSON that `segment` writes itself) is a
 format name here but the session writes nothing for it.
 
+Images are keyed by their name (`io.naming`: the path relative to the input root, ``trip/street.png``);
+per-image files are named after its stem (``trip/street``) with the folders mirrored under the output
+folder. Run-level files list images in `io.naming.image_order` and number them with
+`io.naming.image_ids`; category ids start at 1 (`io.naming.category_id`), YOLO indices at 0.
+
 ================  ======================================================  ==========
 format            files (in the output folder)                            written
 ================  ======================================================  ==========
 coco              ``coco.json``: one annotation per 8-connected region,   per run
                   compressed RLE (pycocotools)
 polygons          ``<stem>_polygons.json``: contours with holes           per image
-masks             ``<stem>_masks/<index>_<class>.png`` + ``index.json``   per image
+masks             ``<stem>_masks/<id>_<class>.png`` + ``index.json``      per image
 yolo              ``yolo/labels/<stem>.txt`` + ``yolo/data.yaml``          per image + run
 labelstudio       ``labelstudio.json`` (brush predictions) +              per run
                   ``labelstudio_config.xml``
@@ -29,11 +34,12 @@ import numpy as np
 
 from ...errors import S2ClipError
 from ..files import prepare_output_dir
-from ._common import ClassTable, ExportImage, check_labels, check_stem
+from ..naming import check_name, name_stem
+from ._common import ClassTable, ExportImage, check_cvat_labels, check_labels, check_xml_names, check_xml_text
 
 FORMATS: tuple[str, ...] = ("png", "coco", "polygons", "masks", "yolo", "labelstudio", "cvat")
 
-__all__ = ["FORMATS", "ExportSession", "parse_formats"]
+__all__ = ["FORMATS", "ExportSession", "check_class_names", "parse_formats"]
 
 
 def parse_formats(text: str) -> list[str]:
@@ -55,12 +61,26 @@ def parse_formats(text: str) -> list[str]:
     return formats
 
 
+def check_class_names(formats: Sequence[str], class_names: Sequence[str], has_background: bool) -> None:
+    """Each chosen format's limits on class names, as one-line `S2ClipError`s (call it before
+    anything is loaded or written): XML text for ``cvat`` and ``labelstudio``, CVAT's 64-character
+    label names. (Masks shorten names in their file names themselves, uniquely, and keep the full
+    name in ``index.json``; JSON and YAML carry any name.)"""
+    classes = ClassTable(tuple(class_names), has_background)
+    if "cvat" in formats:
+        check_cvat_labels(classes)
+    if "labelstudio" in formats:
+        check_xml_names(classes)
+
+
 class _Writer(Protocol):
     name: str
 
     def image_outputs(self, stem: str) -> dict[str, Path]: ...
+    def image_folders(self, stem: str) -> dict[str, Path]: ...
     def write_image(self, image: ExportImage, labels: np.ndarray) -> dict[str, Path]: ...
     def remember(self, image: ExportImage, labels: np.ndarray) -> None: ...
+    def forget(self, name: str) -> None: ...
     def finish(self) -> dict[str, Path]: ...
 
 
@@ -94,7 +114,12 @@ class ExportSession:
     the background is never exported as an object). ``polygon_tolerance``: the largest distance in
     pixels (``cv2.approxPolyDP``) between a simplified polygon and the exact boundary (0: exact),
     for polygons and yolo. Call ``write_image`` for each image segmented, ``add_existing`` for each
-    image skipped because its outputs exist (so run-level files still cover it), then ``finish``.
+    image skipped because its outputs exist (so run-level files still cover it), ``discard`` for an
+    image whose outputs were then given up, and ``finish`` at the end.
+
+    Each image is given by its ``name`` (`io.naming`; ``trip/street.png``): the run-level files key
+    it by that name, its per-image files are named after the name's stem. Two names with one stem
+    (``a.png``, ``a.jpg``) are refused. The run-level files do not depend on the order images came in.
     """
 
     def __init__(self, out_dir: Path, formats: Sequence[str], class_names: list[str], has_background: bool,
@@ -106,29 +131,56 @@ class ExportSession:
             raise S2ClipError("cannot export labels without class names")
         if not polygon_tolerance >= 0:  # also rejects NaN
             raise S2ClipError(f"--polygon-tolerance must be >= 0 pixels, got {polygon_tolerance}")
+        check_class_names(formats, class_names, has_background)
         self.out_dir = Path(out_dir)
         self.formats = list(dict.fromkeys(formats))
         self.classes = ClassTable(tuple(class_names), has_background)
         self._writers = [_writer(name, self.out_dir, self.classes, float(polygon_tolerance))
                          for name in self.formats if name != "png"]
+        self._names: dict[str, str] = {}  # stem -> the image name that uses it
 
-    def image_outputs(self, stem: str) -> dict[str, Path]:
-        """The per-image files the chosen formats write for ``stem`` (their presence means done)."""
-        check_stem(stem)
+    def _stem(self, name: str) -> str:
+        """The stem of ``name``, refused when another image of this session has it."""
+        stem = name_stem(name)
+        other = self._names.setdefault(stem, name)
+        if other != name:
+            raise S2ClipError(f"images {other!r} and {name!r} would write the same export files ({stem}); "
+                              "rename one of them")
+        return stem
+
+    def image_outputs(self, name: str) -> dict[str, Path]:
+        """The per-image files the chosen formats write for the image ``name`` (their presence means
+        done), by format."""
+        stem = name_stem(name)
         outputs: dict[str, Path] = {}
         for writer in self._writers:
             outputs.update(writer.image_outputs(stem))
         return outputs
 
-    def _image(self, image_path: Path, stem: str, labels: np.ndarray) -> tuple[ExportImage, np.ndarray]:
-        labels = check_labels(np.asarray(labels), len(self.classes.names), check_stem(stem))
-        height, width = labels.shape
-        return ExportImage(Path(image_path), stem, width, height), labels
+    def image_folders(self, name: str) -> dict[str, Path]:
+        """Folders that hold files of the image ``name`` only (the class masks'), by format."""
+        stem = name_stem(name)
+        folders: dict[str, Path] = {}
+        for writer in self._writers:
+            folders.update(writer.image_folders(stem))
+        return folders
 
-    def write_image(self, image_path: Path, stem: str, labels: np.ndarray) -> dict[str, Path]:
+    def _image(self, image_path: Path, name: str, labels: np.ndarray) -> tuple[ExportImage, np.ndarray]:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # a file name of bytes that are not UTF-8 (os.fsdecode's surrogates)
+            raise S2ClipError(f"cannot export {name!r}: its name holds bytes that are not UTF-8") from None
+        stem = self._stem(check_name(name))
+        labels = check_labels(np.asarray(labels), len(self.classes.names), name)
+        if "cvat" in self.formats:
+            check_xml_text(name, "image name")
+        height, width = labels.shape
+        return ExportImage(Path(image_path), name, stem, width, height), labels
+
+    def write_image(self, image_path: Path, name: str, labels: np.ndarray) -> dict[str, Path]:
         """Write the per-image files of ``labels`` ([H, W] class indices) and keep the image for the
         run-level files; returns the files written, by format."""
-        image, labels = self._image(image_path, stem, labels)
+        image, labels = self._image(image_path, name, labels)
         if self._writers:
             prepare_output_dir(self.out_dir)
         written: dict[str, Path] = {}
@@ -137,11 +189,17 @@ class ExportSession:
             writer.remember(image, labels)
         return written
 
-    def add_existing(self, image_path: Path, stem: str, labels: np.ndarray) -> None:
+    def add_existing(self, image_path: Path, name: str, labels: np.ndarray) -> None:
         """Keep an image skipped in this run (labels read back from its mask) for the run-level files."""
-        image, labels = self._image(image_path, stem, labels)
+        image, labels = self._image(image_path, name, labels)
         for writer in self._writers:
             writer.remember(image, labels)
+
+    def discard(self, name: str) -> None:
+        """Leave the image ``name`` out of the run-level files (its outputs were given up); its
+        per-image files are the caller's to remove."""
+        for writer in self._writers:
+            writer.forget(name)
 
     def finish(self) -> dict[str, Path]:
         """Write the run-level files (each atomically) and return them, by name."""

@@ -1,4 +1,5 @@
-"""What every export format shares: the images of a run, label checks, class file names, regions."""
+"""What every export format shares: the images of a run, their paths, label and class-name checks,
+class file names, regions."""
 
 from __future__ import annotations
 
@@ -12,17 +13,23 @@ import cv2
 import numpy as np
 
 from ...errors import S2ClipError
+from ..naming import category_id, check_name
 
 _UNSAFE = re.compile(r"[^\w\-]+")  # \w is Unicode-aware: letters of any script stay
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")  # not in XML 1.0
 _NAME_CHARS = 40  # at most 40 characters of the class name (<= 160 UTF-8 bytes) in a file name
 
 
+CVAT_LABEL_CHARS = 64  # CVAT keeps a label name in a 64-character field (and cuts a longer one)
+
+
 @dataclass(frozen=True)
 class ExportImage:
-    """One image of a run: where it came from, the stem its outputs are named after, its size."""
+    """One image of a run: where it came from, its name (`io.naming`: ``trip/street.png``, the key of
+    the run-level files), the stem its per-image files are named after (``trip/street``), its size."""
 
     path: Path
+    name: str
     stem: str
     width: int
     height: int
@@ -30,14 +37,18 @@ class ExportImage:
 
 @dataclass(frozen=True)
 class ClassTable:
-    """The run's classes: names (index = label value) and whether index 0 is the background."""
+    """The run's classes: names (index = mask value) and whether index 0 is the background."""
 
     names: tuple[str, ...]
     has_background: bool
 
     def object_ids(self) -> list[int]:
-        """Label values that are exported as objects (every class but the background)."""
+        """Mask values that are exported as objects (every class but the background)."""
         return list(range(1 if self.has_background else 0, len(self.names)))
+
+    def category_id(self, value: int) -> int:
+        """The category id (from 1) of the object class with mask value ``value`` (`io.naming`)."""
+        return category_id(value, self.has_background)
 
     def present(self, labels: np.ndarray) -> list[int]:
         """Object classes with at least one pixel in ``labels``, in label order."""
@@ -47,11 +58,29 @@ class ClassTable:
         return [c for c in self.object_ids() if counts[c] > 0]
 
 
-def check_stem(stem: str) -> str:
-    """``stem`` if it names a single file inside the output folder (no separators, not '.' or '..')."""
-    if not stem or stem in (".", "..") or "/" in stem or "\\" in stem or "\0" in stem:
-        raise S2ClipError(f"cannot name export files after {stem!r}: not a plain file name")
-    return stem
+def categories(classes: ClassTable) -> list[dict[str, object]]:
+    """The object classes as COCO categories: ``id`` from 1 (`io.naming.category_id`), ``name``,
+    ``supercategory`` and ``mask_value``, the class's value in the mask PNG."""
+    return [{"id": classes.category_id(c), "name": classes.names[c], "supercategory": "object", "mask_value": c}
+            for c in classes.object_ids()]
+
+
+def export_path(out_dir: Path, stem: str, ending: str) -> Path:
+    """``out_dir/<stem><ending>`` for an image stem checked by `io.naming.check_name` (its folders
+    mirrored under ``out_dir``)."""
+    *folders, leaf = check_name(stem).split("/")
+    return out_dir.joinpath(*folders, f"{leaf}{ending}")
+
+
+def make_folders(out_dir: Path, folder: Path) -> None:
+    """Create ``folder`` (inside ``out_dir``) and its parents, refusing a part that is a link or a
+    file: what a run writes stays inside the output folder."""
+    current = out_dir
+    for part in folder.relative_to(out_dir).parts:
+        current = current / part
+        if current.is_symlink() or (current.exists() and not current.is_dir()):
+            raise S2ClipError(f"cannot write into {current}: it is not a folder")
+        current.mkdir(exist_ok=True)
 
 
 def check_xml_names(classes: ClassTable) -> None:
@@ -61,7 +90,26 @@ def check_xml_names(classes: ClassTable) -> None:
             raise S2ClipError(f"class name {name!r} holds a control character that XML cannot carry")
 
 
-def check_labels(labels: np.ndarray, num_classes: int, stem: str) -> np.ndarray:
+def check_xml_text(text: str, what: str) -> str:
+    """``text`` if XML 1.0 can carry it, else a one-line error naming ``what``."""
+    if _NOT_XML.search(text):
+        raise S2ClipError(f"{what} {text!r} holds a control character that XML cannot carry")
+    return text
+
+
+def check_cvat_labels(classes: ClassTable) -> None:
+    """CVAT's limits on label names: XML text, at most `CVAT_LABEL_CHARS` characters."""
+    check_xml_names(classes)
+    for value in classes.object_ids():
+        name = classes.names[value]
+        if len(name) > CVAT_LABEL_CHARS:
+            raise S2ClipError(
+                f"class name {name!r} has {len(name)} characters; CVAT label names hold at most "
+                f"{CVAT_LABEL_CHARS} (--format cvat): put a shorter name first and keep the long one as a "
+                "synonym ('short; long name')")
+
+
+def check_labels(labels: np.ndarray, num_classes: int, name: str) -> np.ndarray:
     """``labels`` as a C-contiguous 2-D integer array of class indices below ``num_classes`` (its own
     dtype kept, so a photo-sized uint8 map is not copied to 8 bytes a pixel; uint64 becomes int64)."""
     if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
@@ -70,24 +118,25 @@ def check_labels(labels: np.ndarray, num_classes: int, stem: str) -> np.ndarray:
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= num_classes:
             bad = low if low < 0 else high
-            raise S2ClipError(f"labels of {stem} hold class {bad}, outside the {num_classes} classes of this run")
+            raise S2ClipError(f"labels of {name} hold class {bad}, outside the {num_classes} classes of this run")
     if labels.dtype.kind == "u" and labels.dtype.itemsize == 8:  # np.bincount casts to intp safely only
         labels = labels.astype(np.int64)
     return np.ascontiguousarray(labels)
 
 
-def class_file_names(class_names: list[str] | tuple[str, ...]) -> list[str]:
+def class_file_names(class_names: list[str] | tuple[str, ...], first: int = 0) -> list[str]:
     """A file-name stem per class, safe and pairwise distinct whatever the names are.
 
-    ``<index>_<name>`` with the index zero-padded (3 digits at least) and the name NFKC-normalised,
+    ``<index>_<name>`` with the index (``first``, ``first`` + 1, …: the `masks` format passes the
+    category ids) zero-padded (3 digits at least) and the name NFKC-normalised,
     runs of characters other than letters, digits, ``_`` and ``-`` replaced by ``_``, leading dots
     and separators stripped and cut to 40 characters; an empty result leaves just the index. The
     index makes names distinct (also on case-insensitive file systems) and keeps ``..`` or
     ``a/b`` inside the folder.
     """
-    width = max(3, len(str(max(len(class_names) - 1, 0))))
+    width = max(3, len(str(max(first + len(class_names) - 1, 0))))
     names = []
-    for index, name in enumerate(class_names):
+    for index, name in enumerate(class_names, start=first):
         text = _UNSAFE.sub("_", unicodedata.normalize("NFKC", name)).strip("._-")[:_NAME_CHARS].rstrip("._-")
         names.append(f"{index:0{width}d}_{text}" if text else f"{index:0{width}d}")
     return names

@@ -1,5 +1,7 @@
 """COCO-style instance annotations: one annotation per 8-connected region of each class, masks as
-compressed RLE (pycocotools), one JSON per run that ``pycocotools.coco.COCO`` loads."""
+compressed RLE (pycocotools), one JSON per run that ``pycocotools.coco.COCO`` loads. Category ids
+start at 1 (`io.naming.category_id`); each category names its ``mask_value``. ``file_name`` is the
+image's name (`io.naming`), relative to the input root as an ``image_root`` expects."""
 
 from __future__ import annotations
 
@@ -10,7 +12,10 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from ..files import write_json
-from ._common import ClassTable, ExportImage, Region, connected_regions
+from ..naming import image_ids, image_order
+from ._common import ClassTable, ExportImage, Region, categories, connected_regions
+
+__all__ = ["ClassTable", "annotations_from_labels", "categories", "coco_document", "encode_rle"]
 
 RUN_FILE = "coco.json"
 
@@ -23,14 +28,14 @@ def encode_rle(mask: np.ndarray) -> dict[str, Any]:
     return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": rle["counts"].decode("ascii")}
 
 
-def _region_annotation(region: Region, canvas: np.ndarray) -> dict[str, Any]:
+def _region_annotation(region: Region, canvas: np.ndarray, classes: ClassTable) -> dict[str, Any]:
     """The annotation of one region, encoded on the image-sized Fortran ``canvas`` (left zeroed)."""
     window = canvas[region.top : region.top + region.height, region.left : region.left + region.width]
     window[...] = region.mask
     rle = mask_utils.encode(canvas)
     window[...] = 0
     return {
-        "category_id": region.class_id,
+        "category_id": classes.category_id(region.class_id),
         "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
         "area": int(mask_utils.area(rle)),
         "bbox": [float(v) for v in mask_utils.toBbox(rle)],
@@ -42,7 +47,8 @@ def annotations_from_labels(labels: np.ndarray, class_count: int, has_background
                             image_id: int = 1, first_id: int = 1) -> list[dict[str, Any]]:
     """COCO annotations of a label map: one per 8-connected region of each class present (the
     background, label 0 when ``has_background``, is not an object). Each has ``id`` (from
-    ``first_id``), ``image_id``, ``category_id`` (= the label value), ``segmentation`` (compressed
+    ``first_id``), ``image_id``, ``category_id`` (from 1: `categories` maps it to the label value),
+    ``segmentation`` (compressed
     RLE of the whole image, counts as str), ``area`` (pixels), ``bbox`` ``[x, y, w, h]`` and
     ``iscrowd`` 0. ``labels``: [H, W] integer class indices below ``class_count``."""
     classes = ClassTable(tuple(str(i) for i in range(class_count)), has_background)
@@ -59,14 +65,30 @@ def _annotations(labels: np.ndarray, classes: ClassTable, image_id: int, first_i
     annotations = []
     for number, region in enumerate(connected_regions(labels, classes)):
         annotation = {"id": first_id + number, "image_id": image_id}
-        annotation.update(_region_annotation(region, canvas))
+        annotation.update(_region_annotation(region, canvas, classes))
         annotations.append(annotation)
     return annotations
 
 
-def categories(classes: ClassTable) -> list[dict[str, Any]]:
-    """COCO categories: every class but the background, ``id`` = its label value."""
-    return [{"id": c, "name": classes.names[c], "supercategory": "object"} for c in classes.object_ids()]
+def coco_document(entries: dict[str, tuple[ExportImage, list[dict[str, Any]]]], classes: ClassTable
+                  ) -> dict[str, Any]:
+    """The COCO document of a run's images: ``entries`` maps each image's name to the image and its
+    annotations (``id`` and ``image_id`` are set here: images numbered by `io.naming.image_ids`, in
+    `io.naming.image_order`, annotations 1, 2, … in that order)."""
+    ids = image_ids(entries)
+    images, annotations = [], []
+    for name in image_order(entries):
+        image, regions = entries[name]
+        images.append({"id": ids[name], "file_name": name, "width": image.width, "height": image.height})
+        for annotation in regions:
+            annotations.append(annotation | {"id": len(annotations) + 1, "image_id": ids[name]})
+    return {
+        "info": {"description": "s2clip segmentation", "version": "1.0"},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": categories(classes),
+    }
 
 
 class CocoWriter:
@@ -82,25 +104,18 @@ class CocoWriter:
     def image_outputs(self, stem: str) -> dict[str, Path]:
         return {}
 
+    def image_folders(self, stem: str) -> dict[str, Path]:
+        return {}
+
     def write_image(self, image: ExportImage, labels: np.ndarray) -> dict[str, Path]:
         return {}
 
     def remember(self, image: ExportImage, labels: np.ndarray) -> None:
-        self._images[image.stem] = (image, _annotations(labels, self.classes, 0, 0))
+        self._images[image.name] = (image, _annotations(labels, self.classes, 0, 0))
+
+    def forget(self, name: str) -> None:
+        self._images.pop(name, None)
 
     def finish(self) -> dict[str, Path]:
-        images, annotations = [], []
-        for image_id, (image, regions) in enumerate(self._images.values(), start=1):
-            images.append({"id": image_id, "file_name": str(image.path), "width": image.width,
-                           "height": image.height})
-            for annotation in regions:
-                annotations.append(annotation | {"id": len(annotations) + 1, "image_id": image_id})
-        document = {
-            "info": {"description": "s2clip segmentation", "version": "1.0"},
-            "licenses": [],
-            "images": images,
-            "annotations": annotations,
-            "categories": categories(self.classes),
-        }
-        write_json(self.path, document)
+        write_json(self.path, coco_document(self._images, self.classes))
         return {self.name: self.path}

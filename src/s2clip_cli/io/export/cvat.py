@@ -1,16 +1,22 @@
 """CVAT for images 1.1 XML: one ``<mask>`` per 8-connected region of each class, in CVAT's mask
-RLE (run lengths over the region's bounding box, row by row, starting with a run of 0s)."""
+RLE (run lengths over the region's bounding box, row by row, starting with a run of 0s).
+
+CVAT matches ``<image name>`` to a task's frames by name: a task made from a zip or a shared folder
+with sub-folders names its frames by their path relative to that root, which is the image's name
+here (`io.naming`: ``trip/street.png``), unique in the file. Frames are numbered from 0, as CVAT
+does, in `io.naming.image_order`. Labels are matched by name; CVAT keeps at most 64 characters of a
+label name, so longer class names are refused up front (`_common.check_cvat_labels`)."""
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
 from ..files import atomic_path
-from ._common import ClassTable, ExportImage, Region, check_xml_names, connected_regions
+from ..naming import image_order
+from ._common import ClassTable, ExportImage, Region, check_cvat_labels, connected_regions
 
 RUN_FILE = "cvat.xml"
 
@@ -47,7 +53,22 @@ def _meta(root: ET.Element, classes: ClassTable, size: int) -> None:
         ET.SubElement(label, "name").text = classes.names[class_id]
         ET.SubElement(label, "type").text = "mask"
         ET.SubElement(label, "attributes")
-    ET.SubElement(meta, "dumped").text = datetime.now(UTC).isoformat(sep=" ", timespec="seconds")
+
+
+def cvat_document(images: dict[str, tuple[ExportImage, list[dict[str, str]]]], classes: ClassTable) -> ET.Element:
+    """The ``<annotations>`` of a run: ``images`` maps each image's name to the image and its masks'
+    attributes; ``<image>`` elements in `io.naming.image_order`, ``id`` 0, 1, … (CVAT's frame numbers)."""
+    root = ET.Element("annotations")
+    ET.SubElement(root, "version").text = "1.1"
+    _meta(root, classes, len(images))
+    for frame, name in enumerate(image_order(images)):
+        image, masks = images[name]
+        element = ET.SubElement(root, "image", id=str(frame), name=name, width=str(image.width),
+                                height=str(image.height))
+        for attributes in masks:
+            ET.SubElement(element, "mask", attributes)
+    ET.indent(root)
+    return root
 
 
 class CvatWriter:
@@ -56,7 +77,7 @@ class CvatWriter:
     name = "cvat"
 
     def __init__(self, out_dir: Path, classes: ClassTable) -> None:
-        check_xml_names(classes)
+        check_cvat_labels(classes)
         self.path = out_dir / RUN_FILE
         self.classes = classes
         self._images: dict[str, tuple[ExportImage, list[dict[str, str]]]] = {}
@@ -64,23 +85,21 @@ class CvatWriter:
     def image_outputs(self, stem: str) -> dict[str, Path]:
         return {}
 
+    def image_folders(self, stem: str) -> dict[str, Path]:
+        return {}
+
     def write_image(self, image: ExportImage, labels: np.ndarray) -> dict[str, Path]:
         return {}
 
     def remember(self, image: ExportImage, labels: np.ndarray) -> None:
         masks = [region_mask_attributes(r, self.classes) for r in connected_regions(labels, self.classes)]
-        self._images[image.stem] = (image, masks)
+        self._images[image.name] = (image, masks)
+
+    def forget(self, name: str) -> None:
+        self._images.pop(name, None)
 
     def finish(self) -> dict[str, Path]:
-        root = ET.Element("annotations")
-        ET.SubElement(root, "version").text = "1.1"
-        _meta(root, self.classes, len(self._images))
-        for image_id, (image, masks) in enumerate(self._images.values()):
-            element = ET.SubElement(root, "image", id=str(image_id), name=image.path.name,
-                                    width=str(image.width), height=str(image.height))
-            for attributes in masks:
-                ET.SubElement(element, "mask", attributes)
-        ET.indent(root)
+        root = cvat_document(self._images, self.classes)
         with atomic_path(self.path) as tmp:
             ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=True)
         return {self.name: self.path}

@@ -1,6 +1,8 @@
 """Label Studio tasks with predictions: one brush mask per class present, encoded with Label Studio's
 own brush RLE (``label_studio_converter.brush.mask2rle``), and the labeling config that names the
-classes. Import ``labelstudio.json`` into a project set up with ``labelstudio_config.xml``."""
+classes. Import ``labelstudio.json`` into a project set up with ``labelstudio_config.xml``. Each
+task's ``data.image`` is the image's name (`io.naming`: ``trip/street.png``), to be prefixed with the
+URL Label Studio serves the input folder from; tasks come in `io.naming.image_order`."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import numpy as np
 
 from ...errors import S2ClipError
 from ..files import atomic_write_text, write_json
+from ..naming import image_order
 from ._common import ClassTable, ExportImage, check_xml_names
 
 TASKS_FILE = "labelstudio.json"
@@ -34,13 +37,13 @@ def brush_encoder() -> Callable[[np.ndarray], list[int]]:
 
 def brush_results(labels: np.ndarray, classes: ClassTable, encode: Callable[[np.ndarray], list[int]],
                   prefix: str = "") -> list[dict[str, Any]]:
-    """One ``brushlabels`` result per class present in ``labels``."""
+    """One ``brushlabels`` result per class present in ``labels``, its ``id`` ``<prefix>c<category id>``."""
     height, width = labels.shape
     results = []
     for class_id in classes.present(labels):
         mask = np.where(labels == class_id, np.uint8(255), np.uint8(0))
         results.append({
-            "id": f"{prefix}c{class_id}",
+            "id": f"{prefix}c{classes.category_id(class_id)}",
             "from_name": FROM_NAME, "to_name": TO_NAME, "type": "brushlabels",
             "original_width": width, "original_height": height, "image_rotation": 0,
             "value": {"format": "rle", "rle": [int(v) for v in encode(mask)],
@@ -60,6 +63,17 @@ def labeling_config(classes: ClassTable) -> str:
     return ET.tostring(view, encoding="unicode") + "\n"
 
 
+def tasks_document(tasks: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The tasks of a run: ``tasks`` maps each image's name to its brush results; tasks come in
+    `io.naming.image_order`, result ids prefixed ``i<position>`` so they are unique in the file."""
+    document = []
+    for position, name in enumerate(image_order(tasks)):
+        results = [result | {"id": f"i{position}{result['id']}"} for result in tasks[name]]
+        document.append({"data": {TO_NAME: name},
+                         "predictions": [{"model_version": MODEL_VERSION, "result": results}]})
+    return document
+
+
 class LabelStudioWriter:
     """Collects each image's brush results; ``finish`` writes the tasks and the config."""
 
@@ -70,22 +84,24 @@ class LabelStudioWriter:
         self.out_dir = out_dir
         self.classes = classes
         self.encode = brush_encoder()
-        self._tasks: dict[str, dict[str, Any]] = {}
+        self._tasks: dict[str, list[dict[str, Any]]] = {}
 
     def image_outputs(self, stem: str) -> dict[str, Path]:
+        return {}
+
+    def image_folders(self, stem: str) -> dict[str, Path]:
         return {}
 
     def write_image(self, image: ExportImage, labels: np.ndarray) -> dict[str, Path]:
         return {}
 
     def remember(self, image: ExportImage, labels: np.ndarray) -> None:
-        results = brush_results(labels, self.classes, self.encode, prefix=f"i{len(self._tasks)}")
-        self._tasks[image.stem] = {
-            "data": {TO_NAME: str(image.path)},
-            "predictions": [{"model_version": MODEL_VERSION, "result": results}],
-        }
+        self._tasks[image.name] = brush_results(labels, self.classes, self.encode)
+
+    def forget(self, name: str) -> None:
+        self._tasks.pop(name, None)
 
     def finish(self) -> dict[str, Path]:
-        tasks = write_json(self.out_dir / TASKS_FILE, list(self._tasks.values()))
+        tasks = write_json(self.out_dir / TASKS_FILE, tasks_document(self._tasks))
         config = atomic_write_text(self.out_dir / CONFIG_FILE, labeling_config(self.classes))
         return {self.name: tasks, "labelstudio_config": config}

@@ -1,4 +1,5 @@
-"""Polygons with holes (OpenCV contours, simplified by ``approxPolyDP``), one JSON per image."""
+"""Polygons with holes (OpenCV contours, simplified by ``approxPolyDP``), one JSON per image
+(``<stem>_polygons.json``); each object has its ``category_id`` (from 1, as COCO's) and ``mask_value``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import cv2
 import numpy as np
 
 from ..files import write_json
-from ._common import ClassTable, ExportImage
+from ._common import ClassTable, ExportImage, categories, export_path, make_folders
 
 COORDINATES = "pixel indices (x = column, y = row) of boundary pixels, as OpenCV findContours"
 
@@ -76,26 +77,28 @@ def rasterize(polygons: list[Polygon], height: int, width: int) -> np.ndarray:
 
 def polygons_document(image: ExportImage, polygons: list[Polygon], classes: ClassTable,
                       tolerance: float) -> dict[str, Any]:
-    """The per-image JSON document."""
+    """The per-image JSON document: the image's name and size, the categories (as COCO's, with their
+    mask values), and per object its category, mask value, class name, exterior and holes."""
     return {
-        "image": str(image.path),
+        "image": image.name,
         "width": image.width,
         "height": image.height,
-        "classes": list(classes.names),
-        "has_background": classes.has_background,
+        "categories": categories(classes),
         "tolerance_px": tolerance,
         "coordinates": COORDINATES,
         "objects": [
-            {"class_id": p.class_id, "class_name": classes.names[p.class_id],
-             "exterior": p.exterior.tolist(), "holes": [h.tolist() for h in p.holes]}
+            {"category_id": classes.category_id(p.class_id), "mask_value": p.class_id,
+             "class_name": classes.names[p.class_id], "exterior": p.exterior.tolist(),
+             "holes": [h.tolist() for h in p.holes]}
             for p in polygons
         ],
     }
 
 
 def read_polygons(document: dict[str, Any]) -> list[Polygon]:
-    """The polygons of a document written by this module (for loading it back)."""
-    return [Polygon(int(o["class_id"]), np.asarray(o["exterior"], dtype=np.int32).reshape(-1, 2),
+    """The polygons of a document written by this module (for loading it back), each with its mask
+    value as ``class_id`` (so `rasterize` draws the mask PNG's values)."""
+    return [Polygon(int(o["mask_value"]), np.asarray(o["exterior"], dtype=np.int32).reshape(-1, 2),
                     tuple(np.asarray(h, dtype=np.int32).reshape(-1, 2) for h in o["holes"]))
             for o in document["objects"]]
 
@@ -111,15 +114,22 @@ class PolygonsWriter:
         self.tolerance = tolerance
 
     def image_outputs(self, stem: str) -> dict[str, Path]:
-        return {self.name: self.out_dir / f"{stem}_polygons.json"}
+        return {self.name: export_path(self.out_dir, stem, "_polygons.json")}
+
+    def image_folders(self, stem: str) -> dict[str, Path]:
+        return {}
 
     def write_image(self, image: ExportImage, labels: np.ndarray) -> dict[str, Path]:
         path = self.image_outputs(image.stem)[self.name]
+        make_folders(self.out_dir, path.parent)
         polygons = labels_to_polygons(labels, self.classes, self.tolerance)
         write_json(path, polygons_document(image, polygons, self.classes, self.tolerance))
         return {self.name: path}
 
     def remember(self, image: ExportImage, labels: np.ndarray) -> None:
+        pass
+
+    def forget(self, name: str) -> None:
         pass
 
     def finish(self) -> dict[str, Path]:

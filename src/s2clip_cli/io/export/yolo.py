@@ -1,6 +1,7 @@
-"""YOLO segmentation labels (Ultralytics): ``yolo/labels/<stem>.txt``, one object per line as
+"""YOLO segmentation labels (Ultralytics): ``yolo/labels/<stem>.txt`` (sub-folders mirrored, as
+Ultralytics finds the labels of ``yolo/images/<stem>.<suffix>``), one object per line as
 ``<class> x1 y1 x2 y2 ...`` (polygon vertices divided by the image width and height), and
-``yolo/data.yaml`` with the class names."""
+``yolo/data.yaml`` with the class names. Class indices are YOLO's own, from 0 (`io.naming.yolo_index`)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,16 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_write_text
-from ._common import ClassTable, ExportImage
+from ..naming import yolo_index
+from ._common import ClassTable, ExportImage, export_path, make_folders
 from .polygons import labels_to_polygons
 
 FOLDER = "yolo"
 
 
 def yolo_class_ids(classes: ClassTable) -> dict[int, int]:
-    """Label value -> YOLO class index: the object classes numbered from 0 (no background class)."""
-    return {label: index for index, label in enumerate(classes.object_ids())}
+    """Mask value -> YOLO class index: the object classes numbered from 0 (no background class)."""
+    return {label: yolo_index(label, classes.has_background) for label in classes.object_ids()}
 
 
 def yolo_lines(labels: np.ndarray, classes: ClassTable, tolerance: float) -> list[str]:
@@ -53,8 +55,11 @@ def yaml_quoted(text: str) -> str:
 
 
 def data_yaml(classes: ClassTable, folder: Path) -> str:
-    """Ultralytics' dataset file: the folder, ``images`` for train/val and the class names."""
-    lines = [f"path: {yaml_quoted(str(folder.resolve()))}", "train: images", "val: images", "names:"]
+    """Ultralytics' dataset file: the folder, ``images`` for train/val and the class names (a comment
+    says which mask value each index is)."""
+    shift = "+ 1 " if classes.has_background else ""
+    lines = [f"# s2clip: class i is the value i {shift}in the *_mask.png masks", f"path: {yaml_quoted(str(folder.resolve()))}",
+             "train: images", "val: images", "names:"]
     lines += [f"  {index}: {yaml_quoted(classes.names[label])}" for label, index in yolo_class_ids(classes).items()]
     return "\n".join(lines) + "\n"
 
@@ -65,16 +70,20 @@ class YoloWriter:
     name = "yolo"
 
     def __init__(self, out_dir: Path, classes: ClassTable, tolerance: float) -> None:
+        self.out_dir = out_dir
         self.folder = out_dir / FOLDER
         self.classes = classes
         self.tolerance = tolerance
 
     def image_outputs(self, stem: str) -> dict[str, Path]:
-        return {self.name: self.folder / "labels" / f"{stem}.txt"}
+        return {self.name: export_path(self.folder / "labels", stem, ".txt")}
+
+    def image_folders(self, stem: str) -> dict[str, Path]:
+        return {}
 
     def write_image(self, image: ExportImage, labels: np.ndarray) -> dict[str, Path]:
         path = self.image_outputs(image.stem)[self.name]
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(self.out_dir, path.parent)
         lines = yolo_lines(labels, self.classes, self.tolerance)
         atomic_write_text(path, "".join(line + "\n" for line in lines))
         return {self.name: path}
@@ -82,7 +91,10 @@ class YoloWriter:
     def remember(self, image: ExportImage, labels: np.ndarray) -> None:
         pass
 
+    def forget(self, name: str) -> None:
+        pass
+
     def finish(self) -> dict[str, Path]:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_folders(self.out_dir, self.folder)
         path = atomic_write_text(self.folder / "data.yaml", data_yaml(self.classes, self.folder))
         return {"yolo_data": path}
