@@ -42,8 +42,9 @@ CSS = """
 #s2clip-run { min-height: 44px; }
 #s2clip-status { min-height: 1.5em; }
 #s2clip-status .s2clip-error { color: #c62828; font-weight: 600; }
-.s2clip-shares { width: 100%; border-collapse: collapse; }
-.s2clip-shares td { padding: 2px 6px; border: none; }
+.s2clip-shares { width: 100%; border-collapse: collapse; border: none !important; margin: 0 !important; }
+.s2clip-shares tr, .s2clip-shares td { border: none !important; background: none !important; }
+.s2clip-shares td { padding: 2px 6px !important; }
 .s2clip-shares .swatch { display: inline-block; width: 0.9em; height: 0.9em; margin-right: 0.4em;
                          vertical-align: -0.1em; border: 1px solid #8888; }
 .s2clip-shares .bar { width: 55%; }
@@ -215,8 +216,8 @@ def build_page(service: SegmentService, downloads: Downloads) -> gr.Blocks:
                 overlay = gr.Image(label="Overlay", type="pil", format="png", interactive=False, height=420,
                                    elem_id="s2clip-overlay")
                 status = gr.HTML("", elem_id="s2clip-status", js_on_load=None)
-                shares = gr.HTML("", label="Pixel share per class", show_label=True, elem_id="s2clip-shares",
-                                 js_on_load=None)
+                shares = gr.HTML("", label="Pixel share per class", show_label=True, container=True, padding=True,
+                                 elem_id="s2clip-shares", js_on_load=None)
                 with gr.Row():
                     mask_file = gr.File(label="Mask PNG", elem_id="s2clip-mask-file")
                     coco_file = gr.File(label="COCO JSON", elem_id="s2clip-coco-file")
