@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import importlib.util
 import ipaddress
+import logging
 import os
 import shutil
 import socket
@@ -138,6 +139,8 @@ def run_serve(settings: ServeSettings, *, host: str, port: int, page: bool, cons
             with console.status("loading models…"):
                 service = SegmentService(settings)
                 app = build_app(service, page=page)
+            # A malformed form is the client's 400, not a line in the server's log.
+            logging.getLogger("python_multipart").setLevel(logging.ERROR)
             server = make_server(app, host=host, port=port, header_timeout_s=limits.read_timeout_s,
                                  grace_s=limits.grace_s, on_stop=lambda first: service.stop())
             if not is_loopback(host):

@@ -92,9 +92,10 @@ class ClientGuard:
                         else closing_error(400, "bad Content-Length header"))
             await response(scope, receive, send)
             return
+        # Over HTTP/1.1 a body comes with a Content-Length over 0 or as chunks.
+        has_body = (length is not None and int(length) > 0) or b"chunked" in headers.get(b"transfer-encoding", b"")
         received = 0
-        # A body comes with a Content-Length over 0 or as chunks (uvicorn refuses anything else).
-        body_done = (length is None or int(length) == 0) and b"chunked" not in headers.get(b"transfer-encoding", b"")
+        body_done = False  # the body's last message has arrived
         started = False
 
         async def guarded_receive() -> Message:
@@ -120,7 +121,7 @@ class ClientGuard:
             if message["type"] == "http.response.start":
                 started = True
                 sent_headers = list(message.get("headers", []))
-                if not body_done and all(name.lower() != b"connection" for name, _ in sent_headers):
+                if has_body and not body_done and all(name.lower() != b"connection" for name, _ in sent_headers):
                     # answered before the body was read whole: close rather than read the rest for nothing
                     message = {**message, "headers": [*sent_headers, (b"connection", b"close")]}
             await send(message)
@@ -132,12 +133,12 @@ class ClientGuard:
                 await closing_error(413, self.message)(scope, receive, send)
         except BodyTimeout:
             log.warning("closed the connection of %s: its %s %s body stalled for %g s (%d bytes received)",
-                        _client(scope), scope["method"], scope["path"], self.read_timeout_s, received)
+                        _client(scope), scope["method"], _path(scope), self.read_timeout_s, received)
             if not started:
                 await closing_error(408, f"request body stalled for {self.read_timeout_s:g} s")(scope, receive, send)
         except ClientDisconnect:
             log.warning("%s disconnected during %s %s (%d bytes received)", _client(scope), scope["method"],
-                        scope["path"], received)
+                        _path(scope), received)
         except asyncio.CancelledError:  # the server stops and cancels what still runs after its grace time
             if not started:
                 with contextlib.suppress(Exception):
@@ -147,6 +148,11 @@ class ClientGuard:
 def _client(scope: Scope) -> str:
     client = scope.get("client")
     return f"client {client[0]}:{client[1]}" if client else "a client"
+
+
+def _path(scope: Scope) -> str:
+    """The request's path for a log line: escaped (it is the client's, %0A included) and bounded."""
+    return ascii(scope.get("path", ""))[1:-1][:200]
 
 
 def wanted_format(query: str | None, accept: str | None) -> str:
