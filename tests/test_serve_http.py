@@ -20,10 +20,11 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 's2clip[serve]')")
 pytest.importorskip("gradio", reason="the serve extra is not installed (pip install 's2clip[serve]')")
 
+from test_serve import MODEL_OPTIONS, settings_from_cli  # noqa: E402
+
 from s2clip_cli.commands.serve import build_app  # noqa: E402
 from s2clip_cli.commands.serve_http import make_server  # noqa: E402
 from s2clip_cli.commands.serve_service import RequestError, SegmentService  # noqa: E402
-from test_serve import MODEL_OPTIONS, settings_from_cli  # noqa: E402
 
 LIMIT_MB = 0.25
 LIMIT = int(LIMIT_MB * 2**20)

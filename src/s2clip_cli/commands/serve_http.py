@@ -80,7 +80,7 @@ class GuardedH11Protocol(H11Protocol):
             return
         pending = len(self.conn.trailing_data[0])
         if pending:  # a connection that sent nothing (a browser's spare one) is closed silently
-            who = "%s:%d" % self.client if self.client else "a client"
+            who = f"client {self.client[0]}:{self.client[1]}" if self.client else "a client"
             log.warning("closed the connection of %s: its request headers were incomplete after %g s (%d bytes)",
                         who, self.header_timeout_s, pending)
         with contextlib.suppress(h11.LocalProtocolError):

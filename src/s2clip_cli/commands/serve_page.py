@@ -100,20 +100,23 @@ class Downloads:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-class UploadedImage(gr.Image):
-    """`gr.Image` (type ``filepath``) that hands the uploaded file on unopened: Gradio's own decoding
-    would answer a bad file with its message, the server's upload path and a Python exception name;
-    the page's function checks it with `decode_image` instead."""
+def uploaded_image(**options: Any) -> gr.Image:
+    """A `gr.Image` (type ``filepath``) that hands the uploaded file on unopened: Gradio's own
+    decoding would answer a bad file with its message, the server's upload path and a Python
+    exception name; the page's function checks it with `decode_image` instead. (Its `preprocess` is
+    replaced on the instance: a subclass of a Gradio component makes Gradio write a .pyi stub beside
+    this module.)"""
+    image = gr.Image(type="filepath", **options)
 
-    def get_block_name(self) -> str:
-        return "image"  # the browser side is Gradio's image component
-
-    def preprocess(self, payload: Any) -> str | None:
+    def upload_path(payload: Any) -> str | None:
         if payload is None:
             return None
         if getattr(payload, "path", None):
             return str(payload.path)
         raise gr.Error("image: upload an image file", print_exception=False)
+
+    image.preprocess = upload_path  # type: ignore[method-assign]
+    return image
 
 
 def shares_html(outcome: SegmentOutcome) -> str:
@@ -124,7 +127,7 @@ def shares_html(outcome: SegmentOutcome) -> str:
     rows = []
     for index in sorted(np.flatnonzero(counts), key=lambda i: (-counts[i], i)):
         share = counts[index] / total
-        colour = "#%02x%02x%02x" % tuple(int(c) for c in outcome.palette[index])
+        colour = "#" + "".join(f"{int(c):02x}" for c in outcome.palette[index])
         rows.append(f'<tr><td><span class="swatch" style="background:{colour}"></span>'
                     f"{html.escape(outcome.classes[index])}</td>"
                     f'<td class="bar"><div style="width:{100 * share:.2f}%"></div></td>'
@@ -196,8 +199,8 @@ def build_page(service: SegmentService, downloads: Downloads) -> gr.Blocks:
         gr.Markdown(INTRO, elem_id="s2clip-header")
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
-                image = UploadedImage(type="filepath", image_mode=None, label="Image",
-                                      sources=["upload", "clipboard"], height=360, elem_id="s2clip-image")
+                image = uploaded_image(image_mode=None, label="Image", sources=["upload", "clipboard"], height=360,
+                                       elem_id="s2clip-image")
                 classes = gr.Textbox(label="Classes", placeholder="cat, floor; carpet, wall", max_lines=3,
                                      elem_id="s2clip-classes")
                 with gr.Row():
