@@ -315,7 +315,7 @@ def test_stop_cancels_the_running_request_after_the_grace_time(service: SegmentS
 
 def test_timeouts_reach_the_service_from_the_command_line() -> None:
     defaults = settings_from_cli("--models", "tiny").limits
-    assert (defaults.read_timeout_s, defaults.grace_s, defaults.keep_downloads_s) == (20.0, 5.0, 600.0)
+    assert (defaults.read_timeout_s, defaults.grace_s, defaults.keep_downloads_s) == (20.0, 1.0, 600.0)
     given = settings_from_cli("--models", "tiny", "--read-timeout-s", "3", "--grace-s", "0",
                               "--keep-downloads-s", "60").limits
     assert (given.read_timeout_s, given.grace_s, given.keep_downloads_s) == (3.0, 0.0, 60.0)

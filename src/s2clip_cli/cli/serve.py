@@ -93,7 +93,7 @@ def serve(
                                                   min=0.1)] = 20.0,
     grace_s: Annotated[float, typer.Option(help="On Ctrl+C/SIGTERM: seconds the running request may take to "
                                            "finish before it is cancelled (503); the server then exits 0.",
-                                           min=0.0)] = 5.0,
+                                           min=0.0)] = 1.0,
     keep_downloads_s: Annotated[float, typer.Option(help="Seconds the page's result files (mask PNG, COCO "
                                                     "JSON) and uploads are kept for download.", min=1.0)] = 600.0,
     no_page: Annotated[bool, typer.Option("--no-page", help="Serve the HTTP API only (no web page).")] = False,

@@ -71,7 +71,7 @@ class ServeLimits:
     max_queue: int = 16  # requests waiting for or holding the model; more get 503
     cache_size: int = 16  # segmenters (method, options, class set) kept
     read_timeout_s: float = 20.0  # request headers complete within this; no longer pause in a body
-    grace_s: float = 5.0  # on SIGINT/SIGTERM: the running request may finish within this, then is cancelled
+    grace_s: float = 1.0  # on SIGINT/SIGTERM: the running request may finish within this, then is cancelled
     keep_downloads_s: float = 600.0  # the page's result files are removed after this
 
 
