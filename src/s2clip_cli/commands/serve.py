@@ -23,12 +23,15 @@ import tempfile
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from ..errors import S2ClipError
 from .serve_service import SegmentService, ServeSettings
+
+if TYPE_CHECKING:
+    from .serve_page import Downloads
 
 EXTRA_MODULES = ("fastapi", "uvicorn", "gradio", "multipart")
 INSTALL_HINT = "pip install 's2clip[serve]'"
@@ -83,7 +86,7 @@ def build_app(service: SegmentService, *, page: bool = True):  # noqa: ANN201 - 
     return app
 
 
-def _pruning(lifespan: Any, downloads: Any) -> Any:
+def _pruning(lifespan: Any, downloads: Downloads) -> Any:
     """`lifespan` with `downloads` pruned every `prune_every_s` while the app runs, closed after."""
 
     @contextlib.asynccontextmanager
@@ -141,8 +144,9 @@ def run_serve(settings: ServeSettings, *, host: str, port: int, page: bool, cons
                 app = build_app(service, page=page)
             # A malformed form is the client's 400, not a line in the server's log.
             logging.getLogger("python_multipart").setLevel(logging.ERROR)
+            stop = service.stop
             server = make_server(app, host=host, port=port, header_timeout_s=limits.read_timeout_s,
-                                 grace_s=limits.grace_s, on_stop=lambda first: service.stop())
+                                 grace_s=limits.grace_s, on_stop=lambda _first: stop())
             if not is_loopback(host):
                 console.print(f"[bold yellow]warning:[/] listening on {host}: anyone who can reach it may use the "
                               "models (there is no authentication)", highlight=False)

@@ -410,10 +410,6 @@ class SegmentService:
         if self._cancel.is_set() and threading.get_ident() == self._worker:
             raise _Cancelled
 
-    @property
-    def stopping(self) -> bool:
-        return self._stopping.is_set()
-
     def stop(self, grace_s: float | None = None) -> None:
         """Stop taking requests: new and queued ones get 503; the running one may finish within
         `grace_s` (default: the limit's), then is cancelled (503). A second call cancels it now."""
