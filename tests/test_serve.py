@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,64 @@ def test_bad_requests_get_one_line_4xx(client: TestClient, image: bytes | None, 
     assert "/tmp" not in body["error"]  # the server's temporary paths stay private
 
 
+def test_an_undecodable_image_is_named_once() -> None:
+    """read_image names the file it could not read; the upload is "image", said once."""
+    from s2clip_cli.commands.serve_service import decode_image
+
+    with pytest.raises(RequestError) as refused:
+        decode_image(GOOD[: len(GOOD) // 2], "photo.png", 10**6)  # a header, then the pixels cut short
+    message = str(refused.value)
+    assert message.startswith("image: not a supported image (") and "image image" not in message, message
+    assert "/" not in message and "upload" not in message, message
+
+
+@pytest.mark.parametrize("share, text", [(0.0, "0%"), (0.00001, "<0.1%"), (0.0004, "<0.1%"), (0.002, "0.2%"),
+                                         (0.4123, "41.2%"), (1.0, "100.0%")])
+def test_shares_are_shown_to_a_tenth_of_a_percent(share: float, text: str) -> None:
+    from s2clip_cli.commands.serve_service import format_share
+
+    assert format_share(share) == text
+
+
+def test_the_page_shares_table_escapes_class_names(service: SegmentService) -> None:
+    pytest.importorskip("gradio")
+    from s2clip_cli.commands.serve_page import shares_html, status_html
+    from s2clip_cli.commands.serve_service import SegmentOutcome
+
+    labels = np.zeros((10, 100), dtype=np.int64)
+    labels[0, :2] = 1  # 0.2 % of the pixels
+    outcome = SegmentOutcome(image=np.zeros((10, 100, 3), np.uint8), labels=labels,
+                             classes=["background", "<img src=x onerror=alert(1)>"], class_names=[["a"], ["b"]],
+                             has_background=True, run={}, timings={}, random_models=True)
+    table = shares_html(outcome)
+    assert "<img" not in table and "&lt;img src=x onerror=alert(1)&gt;" in table
+    assert ">99.8%<" in table and ">0.2%<" in table
+    assert table.index("background") < table.index("&lt;img")  # largest first
+    assert status_html("class '<b>'", error=True) == '<p class="s2clip-error">error: class &#x27;&lt;b&gt;&#x27;</p>'
+
+
+def test_page_downloads_go_after_their_age_and_at_close(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("gradio")
+    import tempfile
+
+    from s2clip_cli.commands import serve_page
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    downloads = serve_page.Downloads(keep_s=0.3)
+    first = downloads.new_folder()
+    (first / "cat_mask.png").write_bytes(b"x")
+    downloads.prune()
+    assert first.is_dir()  # younger than keep_s
+    time.sleep(0.5)
+    downloads.prune()
+    assert not first.exists()
+    monkeypatch.setattr(serve_page, "KEEP_DOWNLOADS", 2)
+    folders = [downloads.new_folder() for _ in range(3)]
+    assert [f.exists() for f in folders] == [False, True, True]
+    downloads.close()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bad_format_and_not_multipart(client: TestClient) -> None:
     response = post(client, GOOD, "?format=tiff", classes="cat")
     assert response.status_code == 400 and "unknown format" in response.json()["error"]
@@ -361,7 +420,7 @@ def test_port_in_use_is_one_line() -> None:
 def test_help_imports_no_web_framework() -> None:
     code = ("import sys; from typer.testing import CliRunner; from s2clip_cli.cli import app; "
             "r = CliRunner().invoke(app, ['serve', '--help']); assert r.exit_code == 0, r.output; "
-            "assert '--max-upload-mb' in r.output; "
+            "assert '--max-upload-mb' in r.output and \"pip install 's2clip[serve]'\" in r.output, r.output; "
             "print(sorted(m for m in ('fastapi', 'gradio', 'uvicorn', 'torch') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -380,10 +439,18 @@ def test_request_error_carries_its_status() -> None:
     assert RequestError("x", 413).status == 413 and RequestError("a\nb").args[0] == "a b"
 
 
-def test_page_is_mounted_beside_the_api(service: SegmentService) -> None:
+def test_page_is_mounted_beside_the_api(service: SegmentService, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("gradio")
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with TestClient(build_app(service, page=True)) as page_client:
         page = page_client.get("/")
         assert page.status_code == 200 and "text/html" in page.headers["content-type"]
         assert page_client.get("/health").json()["status"] == "ok"
         assert page_client.post("/segment", data={"classes": "cat"}).status_code == 400
+        assert [p.name.split("-")[:2] for p in tmp_path.iterdir()] == [["s2clip", "page"]]
+    assert not any(p.name.startswith("s2clip") for p in tmp_path.iterdir())  # the downloads go with the app
+    # Gradio writes a .pyi stub beside a module that subclasses one of its components: the page has none.
+    assert not list(Path(serve_driver.__file__).parent.glob("*.pyi"))

@@ -1,13 +1,16 @@
 """`s2clip serve`'s web page in a real headless Chromium (Debian's `chromium` + `chromium-driver`,
 driven with selenium): start the server on 127.0.0.1 (tiny models) in a subprocess, upload a photo,
 type classes, run, and check that the overlay and the class shares appear; a screenshot is saved
-(also to $S2CLIP_SCREENSHOT when set: that is how docs/serve.png is made). Skipped where Chromium,
-its driver or selenium is missing (`make test-browser` installs them)."""
+(also to $S2CLIP_SCREENSHOT when set: that is how docs/serve.png is made). A bad upload (a text file
+named notes.png) shows s2clip's one-line reason, no server path or exception name, and clears the
+last run's results. Skipped where Chromium, its driver or selenium is missing (`make test-browser`
+installs them)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -120,6 +123,8 @@ def test_page_segments_an_uploaded_photo(server: str, browser: object, tmp_path:
     shares = driver.find_element(By.ID, "s2clip-shares").text
     assert "background" not in shares
     assert sum(name in shares for name in ("cat", "floor", "wall", "sofa")) >= 2, shares
+    # one decimal ("41.2%"), or "<0.1%": a class present is never shown as 0%
+    assert re.findall(r"(?:\d+\.\d|<0\.1)%", shares) and not re.search(r"(?<![\d.])0%", shares), shares
     assert driver.execute_script("return arguments[0].naturalWidth", overlay) > 0
     status = driver.find_element(By.ID, "s2clip-status").text
     assert "s2clip" in status and "meaningless" in status  # the page says the tiny weights are random
@@ -135,7 +140,7 @@ def test_page_segments_an_uploaded_photo(server: str, browser: object, tmp_path:
         shutil.copyfile(shot, target)
 
 
-def test_page_shows_a_bad_request_as_an_error(server: str, browser: object) -> None:
+def test_page_shows_a_bad_request_as_an_error(server: str, browser: object, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -144,4 +149,34 @@ def test_page_shows_a_bad_request_as_an_error(server: str, browser: object) -> N
     driver.get(server)
     wait = WebDriverWait(driver, RUN_TIMEOUT_S)
     wait.until(ec.element_to_be_clickable((By.ID, "s2clip-run"))).click()  # no image, no classes
-    wait.until(lambda d: "upload an image first" in d.find_element(By.TAG_NAME, "body").text)
+    wait.until(lambda d: "upload an image first" in d.find_element(By.ID, "s2clip-status").text)
+
+    # A good run first, so that there is a last run's status and results to clear.
+    upload = driver.find_element(By.CSS_SELECTOR, "#s2clip-image input[type=file]")
+    upload.send_keys(str(EXAMPLES / "cat.jpg"))
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#s2clip-image img")))
+    classes = driver.find_element(By.CSS_SELECTOR, "#s2clip-classes textarea, #s2clip-classes input")
+    classes.clear()
+    classes.send_keys("cat, wall")
+    driver.find_element(By.ID, "s2clip-run").click()
+    wait.until(lambda d: "px" in d.find_element(By.ID, "s2clip-status").text)
+    wait.until(lambda d: "%" in d.find_element(By.ID, "s2clip-shares").text)
+
+    # A text file named like an image: s2clip's reason, in one line, and nothing of the server's.
+    fake = tmp_path / "notes.png"
+    fake.write_text("meeting notes, not a picture\n")
+    driver.find_element(By.CSS_SELECTOR, "#s2clip-image button[aria-label='Remove Image']").click()
+    wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#s2clip-image img"))
+    driver.find_element(By.CSS_SELECTOR, "#s2clip-image input[type=file]").send_keys(str(fake))
+    # the upload is done once the page shows it (as a broken image: the browser cannot draw it either)
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#s2clip-image img")))
+    driver.find_element(By.ID, "s2clip-run").click()
+    wait.until(lambda d: "not a supported image" in d.find_element(By.ID, "s2clip-status").text)
+    status = driver.find_element(By.ID, "s2clip-status").text
+    assert status == "error: image: not a supported image (unknown format)", status
+    page = driver.find_element(By.TAG_NAME, "body").text
+    for leak in ("/tmp", "gradio", "Error", "Traceback", "UnidentifiedImage", "PIL"):
+        assert leak not in page, (leak, page)
+    # The last run's results are gone with its status.
+    assert "%" not in driver.find_element(By.ID, "s2clip-shares").text
+    assert not driver.find_elements(By.CSS_SELECTOR, "#s2clip-overlay img")

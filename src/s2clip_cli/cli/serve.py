@@ -88,11 +88,19 @@ def serve(
                                            min=1)] = 16,
     cache_size: Annotated[int, typer.Option(help="Class sets (with their text embeddings) kept ready.",
                                             min=1)] = 16,
+    read_timeout_s: Annotated[float, typer.Option(help="Seconds a client has to send its request headers; its "
+                                                  "body may pause no longer (then 408, connection closed).",
+                                                  min=0.1)] = 20.0,
+    grace_s: Annotated[float, typer.Option(help="On Ctrl+C/SIGTERM: seconds the running request may take to "
+                                           "finish before it is cancelled (503); the server then exits 0.",
+                                           min=0.0)] = 1.0,
+    keep_downloads_s: Annotated[float, typer.Option(help="Seconds the page's result files (mask PNG, COCO "
+                                                    "JSON) and uploads are kept for download.", min=1.0)] = 600.0,
     no_page: Annotated[bool, typer.Option("--no-page", help="Serve the HTTP API only (no web page).")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Serve a web page and an HTTP API (POST /segment, GET /health, GET /methods) on loaded models.
-    Needs the web extra: pip install 's2clip[serve]'."""
+    Needs the web extra: pip install 's2clip\\[serve]'. Ctrl+C or SIGTERM stops it (exit 0)."""
     from ..commands.serve import missing_extra
 
     hint = missing_extra()
@@ -117,7 +125,8 @@ def serve(
                      combine=value(combine) if value(combine) != "mean" else None, pamr=pamr,
                      sd_threshold=sd_threshold, prob_thd=threshold, no_sam=no_sam or None)
     limits = ServeLimits(max_upload_bytes=int(max_upload_mb * 2**20), max_classes=max_classes,
-                         max_pixels=int(max_megapixels * 1e6), max_queue=max_queue, cache_size=cache_size)
+                         max_pixels=int(max_megapixels * 1e6), max_queue=max_queue, cache_size=cache_size,
+                         read_timeout_s=read_timeout_s, grace_s=grace_s, keep_downloads_s=keep_downloads_s)
     settings = ServeSettings(base=base, explicit=explicit, methods=_method_list(methods, value(method)),
                              background=background, sam_name=None if no_sam else value(sam) or "vit_b",
                              limits=limits)

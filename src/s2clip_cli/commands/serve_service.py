@@ -35,7 +35,7 @@ from ..models.precision import dtype_name
 from ..pipeline.segmenter import Segmenter, SegmenterConfig
 from .evaluate import ModelPool
 from .methods import method_config
-from .segment import background_names, pixel_shares
+from .segment import background_names
 
 T = TypeVar("T")
 
@@ -53,15 +53,26 @@ class RequestError(S2ClipError):
         self.status = status
 
 
+class _Cancelled(BaseException):
+    """Raised on the model worker, from inside a module call, when the server stops and the running
+    request's grace time is over (a BaseException: no `except Exception` on the way swallows it)."""
+
+
+STOPPING = "the server is stopping; try again once it is back"
+
+
 @dataclass(frozen=True)
 class ServeLimits:
-    """What one request may ask for."""
+    """What one request may ask for, and how long the server waits for clients and for itself."""
 
     max_upload_bytes: int = 20 * 2**20
     max_classes: int = 50
     max_pixels: int = 40_000_000  # decoded image size (width × height)
     max_queue: int = 16  # requests waiting for or holding the model; more get 503
     cache_size: int = 16  # segmenters (method, options, class set) kept
+    read_timeout_s: float = 20.0  # request headers complete within this; no longer pause in a body
+    grace_s: float = 1.0  # on SIGINT/SIGTERM: the running request may finish within this, then is cancelled
+    keep_downloads_s: float = 600.0  # the page's result files are removed after this
 
 
 @dataclass(frozen=True)
@@ -88,10 +99,6 @@ class SegmentOutcome:
     run: dict[str, Any]
     timings: dict[str, float]  # seconds: the pipeline's stages, plus "queue" and "total"
     random_models: bool
-
-    @property
-    def shares(self) -> dict[str, float]:
-        return pixel_shares(self.labels, self.classes)
 
     @property
     def palette(self) -> np.ndarray:
@@ -162,7 +169,9 @@ def decode_image(data: bytes, filename: str | None, max_pixels: int) -> np.ndarr
         try:
             return read_image(path)
         except S2ClipError as exc:
-            raise RequestError(str(exc).replace(str(path), "image").replace(tmp, "")) from None
+            # read_image names the file ("cannot read image /tmp/…/upload.png: …"): the upload is "image"
+            message = str(exc).replace(f"cannot read image {path}", "image").replace(str(path), "image")
+            raise RequestError(message.replace(tmp, "")) from None
 
 
 # ------------------------------------------------------------------------------ the service
@@ -195,7 +204,18 @@ class SegmentService:
         self._slots = threading.BoundedSemaphore(self.limits.max_queue)
         self._pending = 0
         self._pending_lock = threading.Lock()
+        # Stopping: new and queued requests get 503; the running one is cancelled at its next module
+        # call once `_cancel` is set (`stop`: after the grace time).
+        self._stopping = threading.Event()
+        self._cancel = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._worker: int | None = None  # the model worker's thread id
+        self._cancel_timer: threading.Timer | None = None
         self._load_models()
+        import torch
+
+        self._cancel_hook = torch.nn.modules.module.register_module_forward_pre_hook(self._check_cancel)
 
     # ------------------------------------------------------------------ start-up
     def _method_config(self, method: str, *, background: bool, sam: bool | None = None, sd: bool = False,
@@ -344,12 +364,14 @@ class SegmentService:
         return answer(outcome)
 
     def _submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        if self._stopping.is_set():
+            raise RequestError(STOPPING, 503)
         if not self._slots.acquire(blocking=False):
             raise RequestError(f"server busy: {self.limits.max_queue} requests are queued; try again later", 503)
         with self._pending_lock:
             self._pending += 1
         try:
-            future = self._executor.submit(fn, *args)
+            future = self._executor.submit(self._guarded, fn, *args)
         except BaseException:
             self._release()
             raise
@@ -368,11 +390,62 @@ class SegmentService:
         outcome.timings["total"] = round(time.perf_counter() - started, 4)
         return outcome
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+    # ------------------------------------------------------------------ stopping
+    def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs on the worker: `fn`, unless the server is stopping; a cancelled run is a 503."""
+        if self._stopping.is_set():
+            raise RequestError(STOPPING, 503)
+        self._worker = threading.get_ident()
+        self._idle.clear()
+        try:
+            return fn(*args)
+        except _Cancelled:
+            raise RequestError("the server is stopping: this request was cancelled", 503) from None
+        finally:
+            self._idle.set()
+
+    def _check_cancel(self, module: Any, args: Any) -> None:
+        """A forward pre-hook on every torch module: the worker's run stops at its next module call
+        once it is cancelled."""
+        if self._cancel.is_set() and threading.get_ident() == self._worker:
+            raise _Cancelled
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Stop taking requests: new and queued ones get 503; the running one may finish within
+        `grace_s` (default: the limit's), then is cancelled (503). A second call cancels it now."""
+        if self._stopping.is_set():
+            self._cancel.set()
+            return
+        self._stopping.set()
+        grace = self.limits.grace_s if grace_s is None else grace_s
+        self._cancel_timer = threading.Timer(grace, self._cancel.set)
+        self._cancel_timer.daemon = True
+        self._cancel_timer.start()
+
+    def close(self, timeout_s: float = 2.0) -> bool:
+        """Stop at once (cancel what runs, drop what waits) and wait up to `timeout_s` for the worker;
+        True once it is idle (False: a run is stuck outside any module call)."""
+        self._stopping.set()
+        self._cancel.set()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        idle = self._idle.wait(timeout_s)
+        if self._cancel_timer is not None:
+            self._cancel_timer.cancel()
+        self._cancel_hook.remove()
+        return idle
 
 
 # ------------------------------------------------------------------------------ results
+def format_share(share: float) -> str:
+    """A pixel share for people: one decimal ("41.2%", "0.2%"), "<0.1%" for a class present on
+    fewer pixels than that, "0%" only for none."""
+    if share <= 0:
+        return "0%"
+    if share < 0.0005:
+        return "<0.1%"
+    return f"{100 * share:.1f}%"
+
+
 def run_record(seg: Segmenter) -> dict[str, Any]:
     """What ran, as `segment`'s JSON records it."""
     cfg = seg.config
