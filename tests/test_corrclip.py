@@ -21,8 +21,8 @@ from s2clip_cli.models.registry import clip_spec
 from s2clip_cli.models.vfm import TINY_VIT_KWARGS, TimmVFM
 from s2clip_cli.pipeline.corrclip import (
     PAD_ID,
-    correct_labels,
     corrclip_window_tokens,
+    correct_labels,
     dino_qk_features,
     merge_regions,
     nearest,

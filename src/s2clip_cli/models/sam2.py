@@ -129,6 +129,10 @@ def build_sam2_model(spec: ModelSpec, *, checkpoint: str | Path | None = None, t
     """A SAM 2 model (eval mode) for `spec` (`registry.SAM2_SPECS`): the package's config, random
     weights unless `checkpoint`; `tiny`: the small test model with `PointBlobDecoder` (see the
     module docstring). The caller seeds the randomness and warns about random weights."""
+    if checkpoint is not None:  # a damaged file is refused before the model is built
+        damage = checkpoint_damage(checkpoint)
+        if damage is not None:
+            raise S2ClipError(f"SAM 2 checkpoint {checkpoint} {damage}")
     model = _instantiate(spec.arch, TINY_OVERRIDES if tiny else ())
     if tiny:
         model.sam_mask_decoder = PointBlobDecoder(model.sam_mask_decoder, model.sam_prompt_encoder)
