@@ -226,3 +226,17 @@ def test_real_weights_are_located_like_every_checkpoint(tmp_path: Path) -> None:
 def test_points_per_side_is_checked() -> None:
     with pytest.raises(S2ClipError, match="points per side"):
         Sam2GeneratorParams(points_per_side=0)
+
+
+@needs_sam2
+def test_models_verify_checks_the_sam2_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from s2clip_cli.models.registry import any_spec
+    from s2clip_cli.models.verify import verify_spec
+
+    monkeypatch.setenv("S2CLIP_WEIGHTS_DIR", str(tmp_path))
+    spec = any_spec("sam2_hiera_large")
+    with pytest.raises(S2ClipError, match="s2clip models download sam2_hiera_large"):
+        verify_spec(spec)
+    (tmp_path / "sam2_hiera_large.pt").write_bytes(b"")
+    with pytest.raises(S2ClipError, match="SAM 2 checkpoint .*sam2_hiera_large.pt is empty"):
+        verify_spec(spec)
