@@ -149,3 +149,25 @@ def test_methods_and_models_list_corrclip() -> None:
     models = runner.invoke(app, ["models", "list"])
     assert models.exit_code == 0, models.stderr
     assert "sam2_hiera_large" in models.stdout and "MetaCLIP-B/16" in models.stdout and "MetaCLIP-L/14" in models.stdout
+
+
+def test_two_files_with_the_same_pixels_keep_their_own_masks(tmp_path: Path) -> None:
+    """Masks are remembered by image content between a call's steps, but a call naming its file reads
+    that file's mask: identical images with different mask files are each corrected by their own."""
+    from s2clip_cli.commands.methods import method_config
+    from s2clip_cli.pipeline.segmenter import Segmenter, SegmenterConfig
+
+    a, b = np.zeros((48, 64), np.int64), np.zeros((48, 64), np.int64)
+    a[:, 1:] = 1
+    b[:, 1:32], b[:, 32:] = 1, 2
+    np.savez_compressed(tmp_path / "a.npz", instance_mask=a)
+    np.savez_compressed(tmp_path / "b.npz", instance_mask=b)
+    cfg = method_config(SegmenterConfig(models="tiny", device="cpu"), "corrclip", None,
+                        {"instance_masks": str(tmp_path), "short_side": 64})
+    seg = Segmenter.build(cfg, [["cat"], ["dog"], ["bird"]], None)
+    image = np.random.default_rng(3).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    labels_a = seg(image, name="a").labels
+    assert len(np.unique(labels_a[:, 1:])) == 1
+    labels_b = seg(image, name="b").labels
+    assert np.array_equal(seg.instance_mask(image), b)
+    assert len(np.unique(labels_b[:, 1:32])) == 1 and len(np.unique(labels_b[:, 32:])) == 1

@@ -186,11 +186,13 @@ class Segmenter:
     def instance_mask(self, image: np.ndarray, name: str | None = None) -> np.ndarray:
         """The class-agnostic instance mask ``int64 [H, W]`` of `image` (file stem `name`, which a
         folder of pre-generated masks needs): from the mask source, remembered for the last few
-        images by their content so that the features and the map correction of one call share it."""
+        images by their content so that the features and the map correction of one call share it
+        (a call naming the file reads that file's mask anew)."""
         if self.mask_source is None:
             raise S2ClipError(f"{self.method.name} uses no instance masks")
         key = image_digest(image)
-        if key in self._masks_seen:
+        by_name = name is not None and self.mask_source.needs_name  # (two files may hold the same pixels)
+        if key in self._masks_seen and not by_name:
             self._masks_seen.move_to_end(key)
             return self._masks_seen[key]
         mask = self.mask_source.masks(image, name)
