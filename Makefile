@@ -3,14 +3,23 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.s2clip-installed
 
-.PHONY: install test test-slow test-floors test-browser demo lint bench clean
+.PHONY: install install-sam2 test test-slow test-floors test-browser demo lint bench clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev,serve]'
+	$(PY) -m pip install --quiet -e '.[dev,serve,masks]'
+	$(MAKE) install-sam2
 	touch $(STAMP)
+
+# SAM 2 (corrclip's mask generator). PyPI's sam2 is a source package whose isolated build fails; it
+# builds against the installed torch (no CUDA extension: SAM 2 runs without it) once `wheel` is there.
+SAM2_PIN := sam2==1.1.0
+install-sam2:
+	$(PY) -m pip install --quiet wheel
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install --quiet --no-build-isolation '$(SAM2_PIN)'
+	$(PY) -c "import sam2.automatic_mask_generator"
 
 # make test: everything but the slow end-to-end cases (tests/conftest.py SLOW_TESTS), ~10 minutes on
 # 2 cores; make test-slow: only those; .ci/run runs both.
@@ -51,6 +60,7 @@ bench: install
 	$(PY) benchmarks/bench_sd_propagate.py
 	$(PY) benchmarks/bench_memory.py
 	$(PY) benchmarks/bench_eval.py
+	$(PY) benchmarks/bench_corrclip.py
 
 clean:
 	rm -rf $(VENV) $(FLOORS) out bench-results .pytest_cache

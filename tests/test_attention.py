@@ -122,7 +122,7 @@ def cliper_fused(attn_sum: torch.Tensor, calls: int) -> list[torch.Tensor]:
     return outs
 
 
-def reference(model, open_clip_pass, strategy, residual, ffn, vfm=None):
+def reference(model, open_clip_pass, strategy, residual, ffn, vfm=None, regions=None):
     block_inputs, x_last = open_clip_pass
     q, k, v = last_qkv(model, x_last)
     n = q.shape[2]
@@ -143,6 +143,23 @@ def reference(model, open_clip_pass, strategy, residual, ffn, vfm=None):
             ln = blk.ln_1(x)
             total = total + blk.attn(ln, ln, ln, need_weights=True, average_attn_weights=False)[1]
         a = cliper_fused(total, 12)[-1]
+    elif strategy == "scoped":  # CorrCLIP's scope reconstruction (its open_clip/transformer.py forward)
+        _, _, fh, fw = vfm.shape
+        dino_feats = F.normalize(vfm.flatten(2).transpose(1, 2), dim=-1)
+        similarity = torch.einsum("b m c, b n c -> b m n", dino_feats, dino_feats)
+        masks = regions
+        region_masks = [(idx == masks[0]).view(-1) for idx in torch.unique(masks[0])]
+        equal_idx = torch.zeros_like(similarity[0]).bool()
+        for mask in region_masks[1:]:
+            equal_idx += torch.outer(mask, mask)
+        mask = region_masks[0]
+        equal_idx += (mask.unsqueeze(0) + mask.unsqueeze(1)) * (similarity[0] > similarity[0].mean())
+        similarity[0][~equal_idx] = float("-inf")
+        a = softmax(similarity * 4.0)[:, None]
+        vp = v[:, :, 1:].reshape(HEADS, 14, 14, HEAD_DIM).permute(0, 3, 1, 2)
+        vp = F.interpolate(vp, size=(fh, fw), mode="bilinear", align_corners=False)
+        v = vp.permute(0, 2, 3, 1).reshape(1, HEADS, fh * fw, HEAD_DIM)
+        return finish(model, x_last, a @ v, False, False)
     elif strategy == "proxy":  # ProxyCLIP's custom_attn
         _, _, fh, fw = vfm.shape
         f = F.normalize(vfm.flatten(2), dim=1)
@@ -165,8 +182,19 @@ def reference(model, open_clip_pass, strategy, residual, ffn, vfm=None):
 CASES = [
     ("vanilla", True, True), ("identity", True, True), ("csa", True, True), ("vanilla", False, False),
     ("qq", False, False), ("kk", False, False), ("vv", False, False), ("neighbourhood", False, False),
-    ("proxy", False, False), ("fused", False, False),
+    ("proxy", False, False), ("fused", False, False), ("scoped", False, False),
 ]
+
+
+def mask_regions(h: int, w: int, batch: int = 1) -> torch.Tensor:
+    """Instance-mask ids [B, h, w] on a VFM grid: 0 (uncovered) and a few painted rectangles."""
+    g = torch.Generator().manual_seed(7)
+    out = torch.zeros(batch, h, w, dtype=torch.int32)
+    for b in range(batch):
+        for i in range(1, 6):
+            y, x = torch.randint(0, h - 2, (2,), generator=g).tolist()
+            out[b, y:y + h // 3, x:x + w // 3] = i
+    return out
 
 
 def test_cases_cover_every_strategy() -> None:
@@ -175,11 +203,14 @@ def test_cases_cover_every_strategy() -> None:
 
 @pytest.mark.parametrize(("strategy", "residual", "ffn"), CASES)
 def test_strategy_matches_its_formula(model, image, open_clip_pass, strategy, residual, ffn) -> None:
-    vfm = torch.randn(1, 48, 28, 28, generator=torch.Generator().manual_seed(2)) if strategy == "proxy" else None
+    on_vfm = strategy in ("proxy", "scoped")
+    vfm = torch.randn(1, 48, 28, 28, generator=torch.Generator().manual_seed(2)) if on_vfm else None
+    regions = mask_regions(28, 28) if strategy == "scoped" else None
     with torch.no_grad():
-        ours = dense_clip_features(model, image, strategy, residual=residual, ffn=ffn, vfm_features=vfm)
-        expected = reference(model, open_clip_pass, strategy, residual, ffn, vfm)
-    tokens = 28 * 28 if strategy == "proxy" else 14 * 14
+        ours = dense_clip_features(model, image, strategy, residual=residual, ffn=ffn, vfm_features=vfm,
+                                   regions=regions)
+        expected = reference(model, open_clip_pass, strategy, residual, ffn, vfm, regions)
+    tokens = 28 * 28 if on_vfm else 14 * 14
     assert ours.shape == (1, tokens, 512)
     assert (ours - expected).abs().max().item() < 1e-4
     if (strategy, residual, ffn) == ("vanilla", True, True):
@@ -259,7 +290,9 @@ def test_every_strategy_runs_under_cpu_autocast(tiny_backbone, dtype) -> None:
     vfm = torch.randn(2, 32, 8, 12, generator=torch.Generator().manual_seed(4))
     last_input = early_blocks(tiny_backbone, images).last_input
     for name, entry in STRATEGIES.items():
-        kwargs = {"vfm_features": vfm} if name == "proxy" else {}
+        kwargs = {"vfm_features": vfm} if name in ("proxy", "scoped") else {}
+        if name == "scoped":
+            kwargs["regions"] = mask_regions(8, 12, batch=2)
         keep = entry.with_cls
         with torch.no_grad():
             full = dense_clip_features(tiny_backbone, images, name, residual=keep, ffn=keep, **kwargs)
@@ -267,7 +300,7 @@ def test_every_strategy_runs_under_cpu_autocast(tiny_backbone, dtype) -> None:
                 low = dense_clip_features(tiny_backbone, images, name, residual=keep, ffn=keep, **kwargs)
                 early = torch.ones(2, 2, 25, 25) if name == "fused" else None
                 attn = attention_matrix(tiny_backbone, name, last_input, (4, 6), early_attention=early, **kwargs)
-        assert full.shape == low.shape == (2, 96 if name == "proxy" else 24, 64), name
+        assert full.shape == low.shape == (2, 96 if name in ("proxy", "scoped") else 24, 64), name
         assert torch.isfinite(low).all(), name
         rel = (low.float() - full).norm() / full.norm()
         assert rel.item() < 0.1, (name, rel.item())

@@ -26,10 +26,10 @@ from s2clip_cli.methods import (
 from s2clip_cli.models.registry import vfm_spec
 from s2clip_cli.pipeline.attention import STRATEGIES
 
-NAMES = ["s2clip", "proxyclip", "trident", "clearclip", "sclip", "naclip", "maskclip", "clip", "cliper"]
+NAMES = ["s2clip", "proxyclip", "trident", "clearclip", "sclip", "naclip", "maskclip", "clip", "cliper", "corrclip"]
 
 
-def test_all_nine_methods_and_eight_presets() -> None:
+def test_all_methods_and_eight_presets() -> None:
     assert list(METHODS) == NAMES
     assert set(TABLE_PRESETS) == set(PRESETS) and len(PRESETS) == 8
     for m in METHODS.values():
@@ -96,6 +96,22 @@ def test_values_from_the_references() -> None:
     assert (get_method("sclip").residual, get_method("sclip").ffn) == (True, True)
     assert (get_method("maskclip").strategy, get_method("maskclip").residual) == ("identity", True)
     assert (get_method("naclip").postprocess, get_method("naclip").sigma) == (("pamr",), 5.0)
+    # CorrCLIP's configs (CorrCLIPv1/configs): base 336 with 336/112, City 448 with 224/112, ADE 448; its own
+    # class files ('people'); MetaCLIP; instance masks and the map correction.
+    corr = get_method("corrclip")
+    assert (corr.clip, corr.vfm, corr.instance_masks, corr.postprocess) == (
+        "MetaCLIP-B/16", "dino_vitb8", True, ("mask_correction",))
+    for preset, expected in {"voc21": (336, 336, 112, 0.2), "context60": (336, 336, 112, 0.15),
+                             "coco_object": (336, 336, 112, 0.25), "voc20": (336, 336, 112, 0.0),
+                             "cityscapes": (448, 224, 112, 0.0), "ade20k": (448, 336, 112, 0.0),
+                             "context59": (336, 336, 112, 0.0), "coco_stuff164k": (336, 336, 112, 0.0)}.items():
+        p = resolve_protocol("corrclip", preset)
+        assert (p.short_side, p.crop, p.stride, p.prob_thd) == expected, preset
+        assert p.logit_scale == 40.0 and p.class_file == f"corrclip/{preset}.txt"
+        names = read_class_file(Path(str(resources.files("s2clip_cli.data").joinpath("class_names", p.class_file))))
+        assert ["people"] in names and ["person"] not in names
+    assert sum(corr.reported[0].miou.values()) / 8 == pytest.approx(51.0, abs=0.05)
+    assert sum(corr.reported[2].miou.values()) / 8 == pytest.approx(53.6, abs=0.05)
 
 
 def test_table_rows() -> None:

@@ -11,7 +11,6 @@ import typer
 from ..errors import S2ClipError
 from .common import (
     DATASETS_HELP,
-    ClipOpt,
     CombineOpt,
     ConfigOpt,
     DeviceOpt,
@@ -39,7 +38,16 @@ from .common import (
     value,
     warn_random,
 )
-from .methods import MethodOrAllOpt, MethodSamOpt, MethodVfmOpt, PamrOpt, given
+from .methods import (
+    InstanceMasksOpt,
+    MaskPointsOpt,
+    MethodClipOpt,
+    MethodOrAllOpt,
+    MethodSamOpt,
+    MethodVfmOpt,
+    PamrOpt,
+    given,
+)
 from .segment import refine_config
 
 
@@ -74,8 +82,10 @@ def eval_command(
     no_box: NoBoxOpt = False,
     no_mask: NoMaskOpt = False,
     no_point: NoPointOpt = False,
-    clip: ClipOpt = "ViT-B/16",
+    clip: MethodClipOpt = None,
     vfm: MethodVfmOpt = None,
+    instance_masks: InstanceMasksOpt = None,
+    mask_points: MaskPointsOpt = None,
     layers: LayersOpt = None,
     combine: CombineOpt = "mean",
     window_batch: WindowBatchOpt = 4,
@@ -91,6 +101,7 @@ def eval_command(
     vfm_weights: WeightsOpt = None,
     sam_weights: WeightsOpt = None,
     sd_weights: WeightsOpt = None,
+    sam2_weights: WeightsOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Evaluate on a benchmark (mIoU, mAcc, aAcc); resumable; shards across ranks under torchrun."""
@@ -107,15 +118,17 @@ def eval_command(
     names = dataset_list(dataset) if dataset is not None else ["custom"]
     methods = parse_methods(value(method))
     base = SegmenterConfig(
-        method=methods[0], clip=value(clip), window_batch=window_batch, sd=sd, seed=seed,
+        method=methods[0], clip=value(clip) or "ViT-B/16", window_batch=window_batch, sd=sd, seed=seed,
         refine=refine_config(sam_impl, no_cca, no_box, no_mask, no_point),
         precision=value(precision), models=value(models), device=value(device), offline=offline,
-        weights=ModelPaths(clip=clip_weights, vfm=vfm_weights, sam=sam_weights, sd=sd_weights),
+        weights=ModelPaths(clip=clip_weights, vfm=vfm_weights, sam=sam_weights, sd=sd_weights, sam2=sam2_weights),
     )
     explicit = given(short_side=short_side, crop=crop, stride=stride, prob_thd=prob_thd, logit_scale=logit_scale,
                      vfm=value(vfm), sam=value(sam), layers=parse_layers(layers),
                      combine=value(combine) if value(combine) != "mean" else None, pamr=pamr, no_sam=no_sam or None,
-                     sd_threshold=sd_threshold)
+                     sd_threshold=sd_threshold, clip=value(clip),
+                     instance_masks=str(instance_masks) if instance_masks is not None else None,
+                     mask_points=mask_points)
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         warn_random(value(models))

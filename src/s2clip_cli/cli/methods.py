@@ -3,12 +3,13 @@ parsing only; the work is in `commands/methods.py`."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from ..methods import METHODS
-from .common import SamName, VfmName, choices, out, user_errors
+from .common import ClipName, SamName, VfmName, choices, out, user_errors
 
 MethodName = choices("MethodName", list(METHODS))
 MethodOrAll = choices("MethodOrAll", [*METHODS, "all"])
@@ -26,6 +27,16 @@ MethodVfmOpt = Annotated[VfmName | None, typer.Option(
 MethodSamOpt = Annotated[SamName | None, typer.Option(
     "--sam", help="SAM model for post-processing (default vit_b, for the methods that use SAM; given explicitly, SAM "
     "prompt refinement is added to any method).")]
+MethodClipOpt = Annotated[ClipName | None, typer.Option(
+    "--clip", help="CLIP backbone (default: the method's; ViT-B/16, MetaCLIP-B/16 for corrclip).")]
+# CorrCLIP's class-agnostic masks. Not `--masks`: `eval --masks` is the generic dataset's label folder.
+InstanceMasksOpt = Annotated[Path | None, typer.Option(
+    "--instance-masks", help="corrclip: folder of pre-generated class-agnostic masks, <image stem>.npz holding an "
+    "integer instance_mask array at the image's size (CorrCLIP's published region masks), instead of SAM 2's "
+    "generator.")]
+MaskPointsOpt = Annotated[int | None, typer.Option(
+    "--mask-points", min=1, max=256, help="corrclip: points per side of SAM 2's mask generator (default 8, as "
+    "CorrCLIP's code; its table's masks used 32).")]
 PamrOpt = Annotated[bool | None, typer.Option(
     "--pamr/--no-pamr", help="PAMR on the logits before classification (default: the method's; on for naclip).")]
 

@@ -9,7 +9,6 @@ import typer
 
 from ..config import RefineConfig
 from .common import (
-    ClipOpt,
     CombineOpt,
     ConfigOpt,
     DeviceOpt,
@@ -37,7 +36,16 @@ from .common import (
     value,
     warn_random,
 )
-from .methods import MethodOpt, MethodSamOpt, MethodVfmOpt, PamrOpt, given
+from .methods import (
+    InstanceMasksOpt,
+    MaskPointsOpt,
+    MethodClipOpt,
+    MethodOpt,
+    MethodSamOpt,
+    MethodVfmOpt,
+    PamrOpt,
+    given,
+)
 
 
 def refine_config(sam_impl: str, no_cca: bool, no_box: bool, no_mask: bool, no_point: bool,
@@ -74,8 +82,10 @@ def segment(
     method: MethodOpt = "s2clip",
     threshold: Annotated[float | None, typer.Option(help="Pixels whose top probability is under this fall to "
                                                     "background (default 0.2; CLIPer 0).")] = None,
-    clip: ClipOpt = "ViT-B/16",
+    clip: MethodClipOpt = None,
     vfm: MethodVfmOpt = None,
+    instance_masks: InstanceMasksOpt = None,
+    mask_points: MaskPointsOpt = None,
     layers: LayersOpt = None,
     combine: CombineOpt = "mean",
     no_sam: NoSamOpt = False,
@@ -109,6 +119,7 @@ def segment(
     vfm_weights: WeightsOpt = None,
     sam_weights: WeightsOpt = None,
     sd_weights: WeightsOpt = None,
+    sam2_weights: WeightsOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Label every pixel of IMAGES with one of --classes; writes mask, overlay and JSON per image
@@ -131,16 +142,18 @@ def segment(
     options = SegmentOptions(overwrite=overwrite, batch=batch, every=every, formats=tuple(formats),
                              polygon_tolerance=polygon_tolerance)
     cfg = SegmenterConfig(
-        method=value(method), clip=value(clip), combine=value(combine), prob_thd=0.2 if bg else 0.0,
+        method=value(method), clip=value(clip) or "ViT-B/16", combine=value(combine), prob_thd=0.2 if bg else 0.0,
         window_batch=window_batch, refine=refine, work_resolution="resized", timing=True,
         sd=sd, sd_threshold=0.2, seed=seed,
         precision=value(precision), models=value(models), device=value(device), offline=offline,
-        weights=ModelPaths(clip=clip_weights, vfm=vfm_weights, sam=sam_weights, sd=sd_weights),
+        weights=ModelPaths(clip=clip_weights, vfm=vfm_weights, sam=sam_weights, sd=sd_weights, sam2=sam2_weights),
     )
     explicit = given(short_side=short_side, stride=stride, vfm=value(vfm), sam=value(sam), layers=parse_layers(layers),
                      combine=value(combine) if value(combine) != "mean" else None, pamr=pamr,
                      coarse_thresh=coarse_thresh, sd_threshold=sd_threshold,
-                     prob_thd=threshold if bg else None, no_sam=no_sam or None)
+                     prob_thd=threshold if bg else None, no_sam=no_sam or None, clip=value(clip),
+                     instance_masks=str(instance_masks) if instance_masks is not None else None,
+                     mask_points=mask_points)
     warn_random(value(models))
     counts = run_segment(sources, class_list, bg, cfg, out_dir, console=console, out=out, options=options,
                          record_config=config_record(ctx), explicit=explicit)

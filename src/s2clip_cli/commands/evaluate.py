@@ -57,7 +57,8 @@ def run_config(cfg: SegmenterConfig, seg: Segmenter) -> dict[str, Any]:
     pipeline's, the weights' content identities, the device type and the precisions."""
     rc = cfg.refine
     method = seg.method
-    return {
+    masks = {"instance_masks": seg.mask_source.identity} if seg.mask_source is not None else {}
+    return {**masks,
         "method": cfg.method, "clip": cfg.clip, "vfm": cfg.vfm if method.vfm is not None else None,
         "layers": seg.layers, "combine": cfg.combine,
         "entropy_tau": cfg.entropy_tau, "short_side": cfg.short_side, "crop": cfg.crop, "stride": cfg.stride,
@@ -230,9 +231,12 @@ def _run_eval(ctx: DistContext, datasets: list[tuple[str, SegDataset]], configs:
                 seg = Segmenter.build(cfg, classes, background, models=models)
             models = seg.models  # one set of models for every dataset
             use_sam = seg.uses_sam_prompts
+            # Pre-generated instance masks are found by the image file's stem (CorrCLIP's <stem>.npz).
+            stems = {sample.id: sample.image.stem for sample in ds.samples} if seg.mask_source is not None else {}
 
-            def predict(image: np.ndarray, image_id: str, seg: Segmenter = seg, use_sam: bool = use_sam) -> np.ndarray:
-                return seg(image, refine=use_sam).labels
+            def predict(image: np.ndarray, image_id: str, seg: Segmenter = seg, use_sam: bool = use_sam,
+                        stems: dict[str, str] = stems) -> np.ndarray:
+                return seg(image, refine=use_sam, name=stems.get(image_id)).labels
 
             settings = {**run_config(cfg, seg), "dataset_warning": mismatch}
             results.append(evaluate(ds, predict, work_dir=out_dir, config=settings, limit=limit,

@@ -35,8 +35,10 @@ ALL = "all"
 # Options a user may give that the methods also set: explicit values win (`method_config`).
 OVERRIDABLE = frozenset({
     "short_side", "crop", "stride", "whole_image", "prob_thd", "area_thd", "logit_scale", "templates", "vfm",
-    "sam", "no_sam", "layers", "combine", "pamr", "coarse_thresh", "sd_threshold",
+    "sam", "no_sam", "layers", "combine", "pamr", "coarse_thresh", "sd_threshold", "clip", "instance_masks",
+    "mask_points",
 })
+MASK_OPTIONS = ("instance_masks", "mask_points")  # apply to the methods that use instance masks
 
 
 def methods_table() -> str:
@@ -95,6 +97,8 @@ def method_settings(method: str, preset: DatasetPreset | None, base: SegmenterCo
     }
     if m.vfm is not None:
         settings["vfm"] = m.vfm
+    if m.clip is not None:
+        settings["clip"] = m.clip
     for name in ("sigma", "beta", "gamma"):
         if getattr(m, name) is not None:
             settings[name] = getattr(m, name)
@@ -113,13 +117,16 @@ def method_settings(method: str, preset: DatasetPreset | None, base: SegmenterCo
 
 def applicable(method: str, explicit: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """(the explicit options that apply to `method`, the names of those that do not): ``vfm`` only
-    for methods with proxy attention, ``layers``/``combine`` only for the layer-fusing methods."""
+    for methods with proxy attention, ``layers``/``combine`` only for the layer-fusing methods,
+    ``instance_masks``/``mask_points`` only for the methods that use instance masks (CorrCLIP)."""
     m = get_method(method)
     kept, dropped = {}, []
     for name, value in explicit.items():
         if value is None:
             continue
         if name == "vfm" and m.vfm is None:
+            dropped.append(name)
+        elif name in MASK_OPTIONS and not m.instance_masks:
             dropped.append(name)
         elif name in ("layers", "combine") and (m.strategy != "proxy" or m.name == "trident") and not (
                 name == "combine" and value == "mean"):
@@ -144,7 +151,8 @@ def method_config(base: SegmenterConfig, method: str, preset: DatasetPreset | No
     kept, dropped = applicable(method, given)
     if dropped and strict:
         m = get_method(method)
-        why = {"vfm": "uses no VFM", "layers": "uses its own layers", "combine": "uses one layer"}
+        why = {"vfm": "uses no VFM", "layers": "uses its own layers", "combine": "uses one layer",
+               **{name: "uses no instance masks" for name in MASK_OPTIONS}}
         raise S2ClipError("; ".join(f"--{d.replace('_', '-')} does not apply to {method} (it {why[d]})"
                                     for d in dropped) + f" ({m.title})")
     settings = method_settings(method, preset, base)

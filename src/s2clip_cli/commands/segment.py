@@ -124,7 +124,8 @@ def _summary(record: dict, top: int = 4) -> str:
 
 def _run_record(seg: Segmenter) -> dict[str, Any]:
     """The resolved settings of the run, as every JSON record keeps them."""
-    return {
+    masks = {"instance_masks": seg.mask_source.identity} if seg.mask_source is not None else {}
+    return {**masks,
         "method": seg.config.method, "clip": seg.config.clip,
         "vfm": seg.config.vfm if seg.method.vfm is not None else None,
         "sam": seg.config.sam if seg.models.sam is not None else None, "sam_prompts": seg.uses_sam_prompts,
@@ -346,7 +347,8 @@ class _Run:
         """Segment a batch; when the batch fails, each image on its own (so only a bad one fails)."""
         from .segment_batch import segment_many
 
-        if len(images) > 1:
+        by_name = self.seg.mask_source is not None and self.seg.mask_source.needs_name
+        if len(images) > 1 and not by_name:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)
@@ -357,7 +359,7 @@ class _Run:
         for source, image in zip(sources, images, strict=True):
             result = None
             with self.guarded(source):
-                result = self.seg(image)
+                result = self.seg(image, name=source.path.stem)
             results.append(result)
         return results
 

@@ -43,6 +43,7 @@ class ModelPaths:
     vfm: str | Path | None = None
     sam: str | Path | None = None
     sd: str | Path | None = None  # the SD diffusers folder
+    sam2: str | Path | None = None  # SAM 2 (instance masks of methods that use them)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The named models s2clip knows: where their weights come from and how they are built.
 
-Three families, each through its own library: CLIP through open_clip, DINO/DINOv2 through timm,
-SAM through segment-anything. A `ModelSpec` records the user-facing name, the library's own
+Each family through its own library: CLIP through open_clip, DINO/DINOv2 through timm,
+SAM through segment-anything, SAM 2 (class-agnostic masks) through sam2, Stable Diffusion through diffusers. A `ModelSpec` records the user-facing name, the library's own
 name for the architecture, the file s2clip expects in its weights directory, and the places the
 libraries themselves cache or host that file.
 """
@@ -13,7 +13,7 @@ from typing import Literal
 
 from ..errors import S2ClipError
 
-Family = Literal["clip", "vfm", "sam", "sd"]
+Family = Literal["clip", "vfm", "sam", "sd", "sam2"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,16 @@ CLIP_SPECS: dict[str, ModelSpec] = {
         ModelSpec("ViT-H/14", "clip", "ViT-H-14", "clip_vit_h14_laion2b_s32b_b79k.safetensors",
                   "OpenCLIP ViT-H/14 laion2b_s32b_b79k",
                   hf_repo="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", hf_filename="open_clip_model.safetensors",
+                  patch_size=14),
+        # MetaCLIP (CorrCLIP's CLIP): OpenAI's architecture with QuickGELU, MetaCLIP 2.5B weights
+        # (open_clip pretrained='metaclip_fullcc').
+        ModelSpec("MetaCLIP-B/16", "clip", "ViT-B-16-quickgelu", "clip_vit_b16_metaclip_fullcc.safetensors",
+                  "MetaCLIP ViT-B/16 fullcc 2.5B (open_clip 'ViT-B-16-quickgelu', pretrained='metaclip_fullcc')",
+                  hf_repo="timm/vit_base_patch16_clip_224.metaclip_2pt5b", hf_filename="open_clip_model.safetensors",
+                  patch_size=16),
+        ModelSpec("MetaCLIP-L/14", "clip", "ViT-L-14-quickgelu", "clip_vit_l14_metaclip_fullcc.safetensors",
+                  "MetaCLIP ViT-L/14 fullcc 2.5B (open_clip 'ViT-L-14-quickgelu', pretrained='metaclip_fullcc')",
+                  hf_repo="timm/vit_large_patch14_clip_224.metaclip_2pt5b", hf_filename="open_clip_model.safetensors",
                   patch_size=14),
     ]
 }
@@ -111,7 +121,19 @@ SD_SPECS: dict[str, ModelSpec] = {
     ]
 }
 
-ALL_SPECS: dict[str, ModelSpec] = {**CLIP_SPECS, **VFM_SPECS, **SAM_SPECS, **SD_SPECS}
+# SAM 2 (the `sam2` package), for class-agnostic masks (CorrCLIP's mask generator): `arch` is the
+# package's Hydra config; the checkpoint holds {"model": state dict}.
+SAM2_SPECS: dict[str, ModelSpec] = {
+    s.name: s
+    for s in [
+        ModelSpec("sam2_hiera_large", "sam2", "configs/sam2/sam2_hiera_l.yaml", "sam2_hiera_large.pt",
+                  "SAM 2 Hiera-L (facebookresearch/sam2, 2024-07-28 release; sam2 package)",
+                  hf_repo="facebook/sam2-hiera-large", hf_filename="sam2_hiera_large.pt",
+                  url="https://dl.fbaipublicfiles.com/segment_anything_2/072824/sam2_hiera_large.pt"),
+    ]
+}
+
+ALL_SPECS: dict[str, ModelSpec] = {**CLIP_SPECS, **VFM_SPECS, **SAM_SPECS, **SD_SPECS, **SAM2_SPECS}
 
 
 def _lookup(table: dict[str, ModelSpec], name: str, what: str) -> ModelSpec:
@@ -134,6 +156,10 @@ def vfm_spec(name: str) -> ModelSpec:
 
 def sam_spec(name: str) -> ModelSpec:
     return _lookup(SAM_SPECS, name, "SAM model")
+
+
+def sam2_spec(name: str) -> ModelSpec:
+    return _lookup(SAM2_SPECS, name, "SAM 2 model")
 
 
 def any_spec(name: str) -> ModelSpec:

@@ -35,6 +35,10 @@ def verify_spec(spec: ModelSpec) -> Path:
         from .sd import build_sd
 
         build_sd(path=found.path, offline=True)
+    elif spec.family == "sam2":
+        from .sam2 import build_sam2_model
+
+        build_sam2_model(spec, checkpoint=found.path)
     else:
         check_name_digest(found.path, spec.filename)
         from .sam import build_sam

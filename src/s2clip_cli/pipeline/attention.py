@@ -19,6 +19,7 @@ qq / kk / vv   softmax(s·X·Xᵀ), X ∈ {q, k, v}                           Cl
 neighbourhood  softmax(s·k·kᵀ + G), G Gaussian over patch positions     NACLIP
 proxy          ProxyCLIP's attention from VFM features, shared by heads ProxyCLIP
 fused          CLIPer's normalised sum of blocks 0…L−2's attention      CLIPer
+scoped         softmax(τ·S), S = VFM cosines kept within mask regions   CorrCLIP
 =============  =======================================================  ===========================
 
 The class token takes part (as query and key) in every strategy except ``proxy``, which — as in
@@ -88,6 +89,7 @@ class AttentionInputs:
     fused_passes: int = 1
     beta: float = BETA
     gamma: float = GAMMA
+    regions: Tensor | None = None  # [B, h', w'] instance-mask ids on the VFM grid (scoped)
 
 
 @dataclass(frozen=True)
@@ -228,6 +230,16 @@ def _proxy(inputs: AttentionInputs) -> AttentionMap:
     return AttentionMap(weights.unsqueeze(1), False, (int(feats.shape[-2]), int(feats.shape[-1])))
 
 
+def _scoped(inputs: AttentionInputs) -> AttentionMap:
+    from .corrclip import scoped_attention
+
+    if inputs.vfm_features is None or inputs.regions is None:
+        raise S2ClipError("attention strategy 'scoped' needs VFM features and instance-mask regions on their grid")
+    feats = inputs.vfm_features
+    weights = scoped_attention(feats.float(), inputs.regions)  # [B, M, M]
+    return AttentionMap(weights.unsqueeze(1), False, (int(feats.shape[-2]), int(feats.shape[-1])))
+
+
 def _fused(inputs: AttentionInputs) -> AttentionMap:
     if inputs.early_attention is None:
         raise S2ClipError("attention strategy 'fused' needs the summed attention maps of blocks 0…L−2")
@@ -249,6 +261,8 @@ STRATEGIES: dict[str, AttentionStrategy] = {
                           _proxy, needs_qkv=False, needs_vfm=True, with_cls=False),
         AttentionStrategy("fused", "normalised sum of blocks 0…L−2's attention (CLIPer)", _fused,
                           needs_qkv=False, needs_early_attention=True),
+        AttentionStrategy("scoped", "softmax(τ·S) of VFM q+k cosines, kept within instance-mask regions (CorrCLIP)",
+                          _scoped, needs_qkv=False, needs_vfm=True, with_cls=False),
     ]
 }
 
@@ -334,7 +348,7 @@ def _check_grid(images: Tensor, patch: int) -> None:
 def attention_matrix(model: nn.Module, strategy: str, last_input: Tensor | None, grid: tuple[int, int], *,
                      sigma: float = DEFAULT_SIGMA, vfm_features: Tensor | None = None,
                      early_attention: Tensor | None = None, fused_passes: int | None = None,
-                     beta: float = BETA, gamma: float = GAMMA) -> AttentionMap:
+                     beta: float = BETA, gamma: float = GAMMA, regions: Tensor | None = None) -> AttentionMap:
     """The strategy's last-block attention alone.
 
     ``last_input``: residual stream entering the last block ``[B, 1 + h*w, D]`` (its ``ln_1`` gives
@@ -352,6 +366,7 @@ def attention_matrix(model: nn.Module, strategy: str, last_input: Tensor | None,
     inputs = AttentionInputs(
         qkv, grid, sigma=sigma, vfm_features=vfm_features, early_attention=early_attention,
         fused_passes=backbone.num_blocks if fused_passes is None else fused_passes, beta=beta, gamma=gamma,
+        regions=regions,
     )
     with _fp32(last.attn.in_proj_weight):
         return entry.compute(inputs)
@@ -395,7 +410,8 @@ def correlation_tokens(model: nn.Module, attention: AttentionMap, stream: Tensor
 
 def dense_clip_features(model: nn.Module, images: Tensor, strategy: str, *, residual: bool = False,
                         ffn: bool = False, sigma: float = DEFAULT_SIGMA, vfm_features: Tensor | None = None,
-                        fused_passes: int | None = None, beta: float = BETA, gamma: float = GAMMA) -> Tensor:
+                        fused_passes: int | None = None, beta: float = BETA, gamma: float = GAMMA,
+                        regions: Tensor | None = None) -> Tensor:
     """Dense CLIP patch embeddings with the last block's attention replaced by ``strategy``.
 
     ``model``: an open_clip ``CLIP`` (or a ``ClipBackbone``); ``images``: CLIP-normalised
@@ -404,7 +420,8 @@ def dense_clip_features(model: nn.Module, images: Tensor, strategy: str, *, resi
     ``out_proj(A·v)`` (+ its input with ``residual``; + ``ln_2``/MLP with its skip with ``ffn``);
     then ``ln_post`` and ``proj``. Returns ``[B, h*w, E]`` patch tokens (class token dropped), not
     normalised — on the VFM grid ``h'*w'`` for ``proxy`` (needs ``vfm_features`` ``[B, C, h', w']``,
-    e.g. DINO's last-layer patch features of the same image).
+    e.g. DINO's last-layer patch features of the same image) and ``scoped`` (also ``regions``
+    ``[B, h', w']``, instance-mask ids on that grid: CorrCLIP's main branch alone).
     """
     entry = get_strategy(strategy)
     backbone = _backbone(model)
@@ -420,7 +437,7 @@ def dense_clip_features(model: nn.Module, images: Tensor, strategy: str, *, resi
     x, grid = early.last_input, early.grid
     attention = attention_matrix(backbone, strategy, x, grid, sigma=sigma, vfm_features=vfm_features,
                                  early_attention=early.attention_sum, fused_passes=fused_passes,
-                                 beta=beta, gamma=gamma)
+                                 beta=beta, gamma=gamma, regions=regions)
     last = _blocks(backbone)[-1]
     out = correlation_tokens(backbone, attention, x, grid)
     if residual:

@@ -6,7 +6,7 @@ backbone's patch grid, which the Segmenter stitches, classifies and refines. A w
 multiple of a backbone's patch size loses its right/bottom remainder to that backbone's patch
 convolution, as in the references' unpadded passes (the Segmenter pads the windows of the methods
 whose references pad them).
-Four families (``s2clip_cli.methods`` names the method → family mapping):
+Five families (``s2clip_cli.methods`` names the method → family mapping):
 
 - `ProxyLayersHead` — S2CLIP and ProxyCLIP: the VFM's proxy attention on the value path of each kept
   CLIP stream (S2CLIP: several layers combined; ProxyCLIP: the last block's input only), cosines
@@ -16,6 +16,8 @@ Four families (``s2clip_cli.methods`` names the method → family mapping):
 - `TridentHead` — per-window proxy-attention *tokens* (before ``ln_post``) spliced on the image's
   token grid, guided by SAM's last-block attention (`pipeline.trident`), then ``ln_post``/``proj``
   and cosines on SAM's grid. It works on the whole image (`image_logits`), not window by window.
+- `corrclip.CorrClipHead` — CorrCLIP: DINO attention limited to the regions of class-agnostic
+  instance masks, spatial and semantic branches, windows of its own (`pipeline.corrclip`).
 - `CliperHead` — CLIPer's layer fusion and attention propagation (`pipeline.cliper`) on the whole
   image; its maps are already probabilities over the names (``scores = "probability"``).
 
@@ -72,6 +74,11 @@ class FeatureHead:
         """Per-name maps ``[Q, h, w]`` of the whole prepared image ``x`` ``[3, H, W]`` (and the
         original `image`), or None when the head works window by window."""
         return None
+
+    def correct_labels(self, image: np.ndarray, labels: Tensor) -> Tensor:
+        """Labels after the method's own correction of the classified map (CorrCLIP's map
+        correction); unchanged by default."""
+        return labels
 
     def to_input(self, pixels: Tensor) -> Tensor:
         """The resized image ``[3, H, W]`` (float32 0–255 RGB values) in the head's input space:
@@ -288,6 +295,10 @@ class CliperHead(FeatureHead):
 
 def make_head(seg: Segmenter, method: Method) -> FeatureHead:
     """The head of `method`'s family."""
+    if method.instance_masks:
+        from .corrclip import CorrClipHead
+
+        return CorrClipHead(seg)
     if method.name == "trident":
         return TridentHead(seg)
     if method.layers == LAYERS_CLIPER:

@@ -20,6 +20,7 @@ the caller (`s2clip_cli.commands.methods`).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -42,6 +43,7 @@ from ..methods import (
 from ..models.factory import LoadedModels, ModelPaths, load_models, resolve_device
 from ..models.precision import autocast, compute_dtype, full_precision, sam_encoder_dtype
 from ..profiling import StageTimer
+from ..refine.instance_masks import MaskSource, image_digest
 from .fusion import resample_matrix
 from .method_features import PROBABILITY, make_head
 from .text import DEFAULT_TEMPLATE_SET, ClassQueries, build_queries, encode_names, template_set
@@ -56,6 +58,7 @@ WorkResolution = Literal["image", "resized"]
 # instead of holding every name's upsampled map at once (256 MB of float32).
 CLASSIFY_BUDGET = 64 * 2**20
 SD_MODEL = "sd21_base"
+MASKS_REMEMBERED = 4  # instance masks kept in memory (by image content) between a call's steps
 
 
 @dataclass
@@ -93,6 +96,11 @@ class SegmenterConfig:
     refine_neg_cos: bool = True
     sam_halves: bool = False
     window_batch: int = 4
+    # Class-agnostic instance masks (CorrCLIP): a folder of pre-generated `<image stem>.npz` files, else SAM 2's
+    # automatic mask generator (`mask_model`, `mask_points` points per side; refine.instance_masks).
+    instance_masks: str | None = None
+    mask_model: str = "sam2_hiera_large"
+    mask_points: int = 8
     refine: RefineConfig = field(default_factory=RefineConfig)
     # Run SAM's prompt refinement when a SAM model is loaded (False: the model only serves Trident's
     # guidance).
@@ -124,8 +132,10 @@ class Segmenter:
     """CLIP + VFM + SAM segmenter for a fixed list of classes."""
 
     def __init__(self, config: SegmenterConfig, queries: ClassQueries, models: LoadedModels,
-                 device: torch.device) -> None:
+                 device: torch.device, mask_source: MaskSource | None = None) -> None:
         self.config = config
+        self.mask_source = mask_source  # instance masks (methods that use them: `instance_mask`)
+        self._masks_seen: OrderedDict[str, np.ndarray] = OrderedDict()
         self.queries = queries
         self.models = models
         self.device = device
@@ -163,12 +173,36 @@ class Segmenter:
         elif config.sd and models.sd is None:
             raise S2ClipError("SD refinement requested but the given models hold no SD model")
         queries = build_queries(classes, background)
+        masks = mask_source_of(config, device) if get_method(config.method).instance_masks else None
         with torch.no_grad():
-            return cls(config, queries, models, device)
+            return cls(config, queries, models, device, mask_source=masks)
 
     def with_classes(self, classes: list[list[str]], background: list[str] | None) -> Segmenter:
         """A segmenter for other classes that shares this one's models."""
-        return Segmenter(self.config, build_queries(classes, background), self.models, self.device)
+        return Segmenter(self.config, build_queries(classes, background), self.models, self.device,
+                         mask_source=self.mask_source)
+
+    # ------------------------------------------------------------------ instance masks
+    def instance_mask(self, image: np.ndarray, name: str | None = None) -> np.ndarray:
+        """The class-agnostic instance mask ``int64 [H, W]`` of `image` (file stem `name`, which a
+        folder of pre-generated masks needs): from the mask source, remembered for the last few
+        images by their content so that the features and the map correction of one call share it
+        (a call naming the file reads that file's mask anew)."""
+        if self.mask_source is None:
+            raise S2ClipError(f"{self.method.name} uses no instance masks")
+        key = image_digest(image)
+        by_name = name is not None and self.mask_source.needs_name  # (two files may hold the same pixels)
+        if key in self._masks_seen and not by_name:
+            self._masks_seen.move_to_end(key)
+            return self._masks_seen[key]
+        mask = self.mask_source.masks(image, name)
+        if mask.shape != image.shape[:2]:
+            raise S2ClipError(f"instance mask is {mask.shape[1]}x{mask.shape[0]}, the image {image.shape[1]}x"
+                              f"{image.shape[0]}")
+        self._masks_seen[key] = mask
+        while len(self._masks_seen) > MASKS_REMEMBERED:
+            self._masks_seen.popitem(last=False)
+        return mask
 
     def timer(self) -> StageTimer:
         """A stage timer as the configuration asks (a no-op unless `timing`)."""
@@ -443,12 +477,17 @@ class Segmenter:
             with timer("pamr"):
                 logits = self.refine_pamr(image, logits, size)
         with timer("classify"):
-            return self.classify(logits, size)
+            labels, probs = self.classify(logits, size)
+            return self.head.correct_labels(image, labels), probs
 
-    def __call__(self, image: np.ndarray, *, refine: bool | None = None) -> SegmentationResult:
-        """Segment one H×W×3 uint8 RGB image; labels at its own size."""
+    def __call__(self, image: np.ndarray, *, refine: bool | None = None, name: str | None = None) -> SegmentationResult:
+        """Segment one H×W×3 uint8 RGB image; labels at its own size. `name`: the image file's stem,
+        by which pre-generated instance masks are found (CorrCLIP with a mask folder)."""
         check_image(image)
         timer = self.timer()
+        if self.mask_source is not None:
+            with timer("instance_masks"):
+                self.instance_mask(image, name)
         with torch.no_grad():
             return self.finish(image, self.predict_logits(image, timer), timer, refine=refine)
 
@@ -470,6 +509,17 @@ class Segmenter:
             if tuple(labels.shape) != image.shape[:2]:
                 labels = F.interpolate(labels[None, None].float(), size=image.shape[:2], mode="nearest")[0, 0]
         return SegmentationResult(labels.cpu().numpy().astype(np.int64), probs, timer.times)
+
+
+def mask_source_of(config: SegmenterConfig, device: torch.device) -> MaskSource:
+    """The instance-mask source `config` names: its folder of pre-generated masks, else SAM 2's
+    generator (weights as `config.models` says; under the run's precision)."""
+    from ..refine.instance_masks import Sam2GeneratorParams, mask_source_for
+
+    params = Sam2GeneratorParams(points_per_side=config.mask_points)
+    return mask_source_for(config.instance_masks, config.mask_model, params, mode=config.models,
+                           path=config.weights.sam2, offline=config.offline, device=device,
+                           dtype=compute_dtype(config.precision, device))
 
 
 def check_image(image: np.ndarray) -> None:
