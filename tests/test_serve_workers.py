@@ -9,9 +9,15 @@ model loads (one line), and CPU workers split the process's torch threads."""
 from __future__ import annotations
 
 import io
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +27,7 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 's2clip[serve]')")
 pytest.importorskip("multipart", reason="the serve extra is not installed (pip install 's2clip[serve]')")
 from fastapi.testclient import TestClient  # noqa: E402
-from test_serve import photo, png_bytes, post, runner, settings_from_cli  # noqa: E402, F401 - photo: a fixture
+from test_serve import EXAMPLES, png_bytes, post, runner, settings_from_cli  # noqa: E402
 from test_serve_http import spin_modules  # noqa: E402
 
 from s2clip_cli.cli import app as cli_app  # noqa: E402
@@ -47,6 +53,13 @@ def two_workers() -> Iterator[SegmentService]:
 def client(two_workers: SegmentService) -> Iterator[TestClient]:
     with TestClient(build_app(two_workers, page=False)) as test_client:
         yield test_client
+
+
+@pytest.fixture(scope="module")
+def photo() -> bytes:
+    """The cat example, shrunk (as test_serve's: the tiny models give it several classes)."""
+    with Image.open(EXAMPLES / "cat.jpg") as image:
+        return png_bytes(np.asarray(image.convert("RGB").resize((150, 100))))
 
 
 def wait_until(condition: Any, what: str) -> None:
@@ -273,3 +286,68 @@ def test_page_runs_as_many_requests_at_once_as_there_are_workers(two_workers: Se
         assert page._queue.max_size == two_workers.limits.max_queue
     finally:
         downloads.close()
+
+
+# ------------------------------------------------------------------------------ a real server
+def test_a_signal_stops_two_busy_workers_cleanly(tmp_path: Path) -> None:
+    """`s2clip serve --devices cpu,cpu` in a process of its own, a request running on each worker:
+    SIGTERM → exit 0 within the grace time plus 2 s, each request answered (200) or cancelled (503),
+    and nothing left in the temp dir."""
+    from test_serve_process import GRACE_S, START_TIMEOUT_S, free_port, health, leftovers, multipart
+    from test_serve_process import post as post_raw
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    port = free_port()
+    env = {**os.environ, "TMPDIR": str(tmp), "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "server.log"
+    with log.open("w") as sink:
+        # The default short side (448): a request runs long enough on tiny models to be running at the signal.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "s2clip_cli", "serve", "--port", str(port), "--models", "tiny", "--devices",
+             "cpu,cpu", "--grace-s", str(GRACE_S), "--no-page"],
+            stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    outcomes: list[dict[str, Any]] = [{}, {}]
+
+    def segment(outcome: dict[str, Any]) -> None:
+        body, kind = multipart({"classes": "cat,floor,wall"}, {"image": ("cat.jpg", (EXAMPLES / "cat.jpg").read_bytes())})
+        try:
+            outcome["status"], outcome["body"] = post_raw(port, "/segment", body, kind)
+        except OSError as exc:
+            outcome["error"] = exc
+
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while health(port) is None:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        clients = [threading.Thread(target=segment, args=(outcome,)) for outcome in outcomes]
+        for client in clients:
+            client.start()
+        busy: list[bool] = []
+        while not (len(busy) == 2 and all(busy)) and any(c.is_alive() for c in clients):  # bounded: the clients'
+            busy = [w["busy"] for w in (health(port) or {}).get("workers", [])]              # timeouts
+            time.sleep(0.05)
+        assert busy == [True, True], (busy, outcomes)
+        stopped = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        returncode = proc.wait(timeout=60)
+        took = time.monotonic() - stopped
+        for client in clients:
+            client.join(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    output = log.read_text()
+    assert returncode == 0, output
+    assert "2 workers: cpu, cpu" in output, output
+    assert took < GRACE_S + 2, f"{took:.1f} s from SIGTERM to exit"
+    assert "stopped (SIGTERM)" in output and "Traceback" not in output, output
+    for outcome in outcomes:  # answered or cancelled, never left without an answer
+        assert "error" not in outcome and outcome["status"] in (200, 503), outcome
+        if outcome["status"] == 503:
+            assert "the server is stopping" in json.loads(outcome["body"])["error"]
+    assert leftovers(tmp) == [], leftovers(tmp)

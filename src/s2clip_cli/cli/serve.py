@@ -8,7 +8,6 @@ import typer
 from rich.text import Text
 
 from ..errors import S2ClipError
-
 from .common import (
     ClipOpt,
     CombineOpt,
