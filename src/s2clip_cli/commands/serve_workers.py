@@ -118,7 +118,9 @@ class Worker:
     failed: int = 0  # requests that ended in an error on this worker (a bad image, cancelled)
 
     def bind(self) -> None:
-        """Called once on the worker's own thread: its CUDA device, or its share of the CPU threads."""
+        """Called once on the worker's own thread: its CUDA device, or its share of the CPU threads
+        (`torch.set_num_threads` also sets the default of threads that have not run torch yet: the
+        same share, as a pool does not mix CPU and CUDA workers)."""
         import torch
 
         if self.device.startswith("cuda:"):
