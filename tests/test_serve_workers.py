@@ -351,3 +351,36 @@ def test_a_signal_stops_two_busy_workers_cleanly(tmp_path: Path) -> None:
         if outcome["status"] == 503:
             assert "the server is stopping" in json.loads(outcome["body"])["error"]
     assert leftovers(tmp) == [], leftovers(tmp)
+
+
+def test_sigterm_while_the_workers_load_removes_the_temp_folder(tmp_path: Path) -> None:
+    """Several workers load for longer: SIGTERM then stops the command as Ctrl+C does (one line,
+    exit 130) and the server's temporary folder goes with it."""
+    from test_serve_process import START_TIMEOUT_S, free_port, leftovers
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "s2clip_cli", "serve", "--port", str(free_port()), "--models", "tiny", "--devices",
+         "cpu,cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not leftovers(tmp):  # the server's folder: made just before the models load
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.3)  # into the loading (models, then the page: seconds)
+        stopped = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - stopped
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert "serving on" not in out, out  # it was still loading
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted", (proc.returncode, err)
+    assert "Traceback" not in err
+    assert took < 5, f"{took:.1f} s from SIGTERM to exit"
+    assert leftovers(tmp) == []

@@ -20,9 +20,11 @@ import ipaddress
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -129,6 +131,24 @@ def server_temp_dir() -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While the models load (before the server's own signal handlers): SIGTERM stops the command as
+    Ctrl+C does (`KeyboardInterrupt`), so the temporary folder is removed on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_serve(settings: ServeSettings, *, host: str, port: int, page: bool, console: Console) -> None:
     """Load the models, then serve until SIGINT or SIGTERM; then stop within the grace time, remove
     the server's temporary files and end the process with status 0 (it does not return then)."""
@@ -142,9 +162,10 @@ def run_serve(settings: ServeSettings, *, host: str, port: int, page: bool, cons
     with server_temp_dir():
         service: SegmentService | None = None
         try:
-            devices = settings.devices or [settings.base.device]
-            with console.status(f"loading models ({len(devices)} worker{'s' if len(devices) > 1 else ''}: "
-                                f"{', '.join(devices)})…" if len(devices) > 1 else "loading models…"):
+            devices = settings.devices or []
+            loading = f"loading models for {len(devices)} workers ({', '.join(devices)})…" if len(devices) > 1 \
+                else "loading models…"
+            with console.status(loading), sigterm_interrupts():
                 service = SegmentService(settings)
                 app = build_app(service, page=page)
             # A malformed form is the client's 400, not a line in the server's log.
