@@ -52,6 +52,8 @@ SLOW_TESTS: tuple[str, ...] = (
     "test_serve_browser.py::test_page_segments_an_uploaded_photo",  # a server and Chromium (make test-browser)
     "test_serve_browser.py::test_page_shows_a_bad_request_as_an_error",
     "test_serve_process.py::test_a_signal_stops_the_server_cleanly",  # 2 x 34 s: a real server per signal
+    "test_serve_workers.py::test_a_signal_stops_two_busy_workers_cleanly",  # 23 s: a real two-worker server
+    "test_serve_workers.py::test_sigterm_while_the_workers_load_removes_the_temp_folder",  # 18 s: a real server stopped while loading
 )
 
 

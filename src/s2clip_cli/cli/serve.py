@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
+from ..errors import S2ClipError
 from .common import (
     ClipOpt,
     CombineOpt,
@@ -73,6 +74,10 @@ def serve(
     seed: SeedOpt = 0,
     precision: PrecisionOpt = "auto",
     device: DeviceOpt = "auto",
+    devices: Annotated[str | None, typer.Option(
+        "--devices", help="One model worker per device, comma-separated (cuda:0,cuda:1; a device may repeat: "
+        "cpu,cpu), or all (every visible GPU). Each worker loads its own models; a request runs on whichever "
+        "is free. Default: one worker on --device.")] = None,
     models: ModelsOpt = "real",
     offline: OfflineOpt = False,
     clip_weights: WeightsOpt = None,
@@ -109,10 +114,14 @@ def serve(
         raise typer.Exit(2)
     from ..commands.serve import run_serve
     from ..commands.serve_service import ServeLimits, ServeSettings
+    from ..commands.serve_workers import parse_devices
     from ..models.factory import ModelPaths
     from ..pipeline.segmenter import SegmenterConfig
     from .segment import refine_config
 
+    if devices is not None and value(device) != "auto":
+        raise S2ClipError("give --device or --devices, not both (--devices cpu or --devices cuda:0 for one worker)")
+    worker_devices = parse_devices(devices) if devices is not None else None  # checked before any model loads
     refine = refine_config(sam_impl, False, False, False, False)
     base = SegmenterConfig(
         method=value(method), clip=value(clip), combine=value(combine), prob_thd=0.2,
@@ -129,7 +138,7 @@ def serve(
                          read_timeout_s=read_timeout_s, grace_s=grace_s, keep_downloads_s=keep_downloads_s)
     settings = ServeSettings(base=base, explicit=explicit, methods=_method_list(methods, value(method)),
                              background=background, sam_name=None if no_sam else value(sam) or "vit_b",
-                             limits=limits)
+                             limits=limits, devices=worker_devices)
     warn_random(value(models))
     run_serve(settings, host=host, port=port, page=not no_page, console=console)
 

@@ -4,9 +4,12 @@ dependency), `serve_api` (FastAPI routes), `serve_page` (Gradio page), `serve_ht
 server: header deadline, signals). Needs the ``serve`` extra (`missing_extra` says so in one line
 without importing anything heavy).
 
-Stopping: SIGINT or SIGTERM stops accepting connections, lets the running request finish within
-`--grace-s` (then cancels it: 503), removes every temporary file the server made (one folder holds
-them all: uploads, Gradio's cache, the page's downloads) and exits 0."""
+Workers: one per device of `--devices` (`serve_workers`: each its own models, one shared bounded
+queue); one on `--device` without it.
+
+Stopping: SIGINT or SIGTERM stops accepting connections, lets the running requests (one per worker)
+finish within `--grace-s` (then cancels them: 503), removes every temporary file the server made (one
+folder holds them all: uploads, Gradio's cache, the page's downloads) and exits 0."""
 
 from __future__ import annotations
 
@@ -17,9 +20,11 @@ import ipaddress
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -126,6 +131,24 @@ def server_temp_dir() -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While the models load (before the server's own signal handlers): SIGTERM stops the command as
+    Ctrl+C does (`KeyboardInterrupt`), so the temporary folder is removed on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_serve(settings: ServeSettings, *, host: str, port: int, page: bool, console: Console) -> None:
     """Load the models, then serve until SIGINT or SIGTERM; then stop within the grace time, remove
     the server's temporary files and end the process with status 0 (it does not return then)."""
@@ -139,7 +162,10 @@ def run_serve(settings: ServeSettings, *, host: str, port: int, page: bool, cons
     with server_temp_dir():
         service: SegmentService | None = None
         try:
-            with console.status("loading models…"):
+            devices = settings.devices or []
+            loading = f"loading models for {len(devices)} workers ({', '.join(devices)})…" if len(devices) > 1 \
+                else "loading models…"
+            with console.status(loading), sigterm_interrupts():
                 service = SegmentService(settings)
                 app = build_app(service, page=page)
             # A malformed form is the client's 400, not a line in the server's log.
@@ -151,13 +177,15 @@ def run_serve(settings: ServeSettings, *, host: str, port: int, page: bool, cons
                 console.print(f"[bold yellow]warning:[/] listening on {host}: anyone who can reach it may use the "
                               "models (there is no authentication)", highlight=False)
             where = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+            workers = service.devices
+            on = f"; {len(workers)} workers: {', '.join(workers)}" if len(workers) > 1 else ""
             console.print(f"serving on {where}  ({'page at /, ' if page else ''}API: POST /segment, GET /health, "
-                          "GET /methods; Ctrl+C stops)", highlight=False)
+                          f"GET /methods{on}; Ctrl+C stops)", highlight=False)
             server.run()
         finally:
             stuck = service is not None and not service.close()
     if stuck:
-        console.print("[bold yellow]warning:[/] the running request did not stop; exiting without it",
+        console.print("[bold yellow]warning:[/] a running request did not stop; exiting without it",
                       highlight=False)
     console.print(f"stopped ({server.stop_signal or 'shut down'}); temporary files removed", highlight=False)
     # Everything of ours is closed and removed: end here. The interpreter's own teardown of torch, timm,

@@ -230,5 +230,6 @@ def build_page(service: SegmentService, downloads: Downloads) -> gr.Blocks:
         for trigger in (button.click, classes.submit):  # the last run's results go as the new one starts
             trigger(clear, None, outputs, queue=False, api_visibility="private").then(
                 run, inputs=inputs, outputs=outputs, api_visibility="private")
-    page.queue(default_concurrency_limit=1, max_size=service.limits.max_queue)
+    # As many page runs at once as there are workers (the service's queue bounds them all).
+    page.queue(default_concurrency_limit=len(service.devices), max_size=service.limits.max_queue)
     return page

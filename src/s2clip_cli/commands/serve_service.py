@@ -1,7 +1,9 @@
-"""The model side of `s2clip serve`, free of any web dependency: models loaded once, one segmenter
-per (method, options, classes) kept in a small LRU cache (the text embedding is the costly part of a
-new class set), every segmentation run by one worker thread (the models are never used by two
-requests at once), and the request checks that turn bad input into one-line `RequestError`s.
+"""The model side of `s2clip serve`, free of any web dependency: models loaded once per worker (one
+worker per device of ``--devices``; `serve_workers` runs them over one shared bounded queue), one
+segmenter per (method, options, classes) kept in a small LRU cache per worker (the text embedding is
+the costly part of a new class set), every segmentation run on a worker thread (a worker's models
+are never used by two requests at once), and the request checks that turn bad input into one-line
+`RequestError`s.
 
 The web layers (`serve_api`, `serve_page`) call `SegmentService.segment` (blocking) or
 `SegmentService.submit` (a future), and format `SegmentOutcome`s with `outcome_json` / `mask_png`.
@@ -11,12 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-import threading
 import time
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,6 +36,7 @@ from ..pipeline.segmenter import Segmenter, SegmenterConfig
 from .evaluate import ModelPool
 from .methods import method_config
 from .segment import background_names
+from .serve_workers import RequestError, Worker, WorkerPool, cpu_threads_each
 
 T = TypeVar("T")
 
@@ -45,22 +46,6 @@ TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
 
-class RequestError(S2ClipError):
-    """A request the server refuses: an HTTP status (4xx, or 503 when busy) and one line."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(one_line(message))
-        self.status = status
-
-
-class _Cancelled(BaseException):
-    """Raised on the model worker, from inside a module call, when the server stops and the running
-    request's grace time is over (a BaseException: no `except Exception` on the way swallows it)."""
-
-
-STOPPING = "the server is stopping; try again once it is back"
-
-
 @dataclass(frozen=True)
 class ServeLimits:
     """What one request may ask for, and how long the server waits for clients and for itself."""
@@ -68,8 +53,8 @@ class ServeLimits:
     max_upload_bytes: int = 20 * 2**20
     max_classes: int = 50
     max_pixels: int = 40_000_000  # decoded image size (width × height)
-    max_queue: int = 16  # requests waiting for or holding the model; more get 503
-    cache_size: int = 16  # segmenters (method, options, class set) kept
+    max_queue: int = 16  # requests waiting for or holding a worker (all workers together); more get 503
+    cache_size: int = 16  # segmenters (method, options, class set) kept per worker
     read_timeout_s: float = 20.0  # request headers complete within this; no longer pause in a body
     grace_s: float = 1.0  # on SIGINT/SIGTERM: the running request may finish within this, then is cancelled
     keep_downloads_s: float = 600.0  # the page's result files are removed after this
@@ -185,10 +170,11 @@ class ServeSettings:
     background: str | None = None  # `segment --background`; None: the built-in list
     sam_name: str | None = "vit_b"  # the SAM model loaded for refinement (None: --no-sam)
     limits: ServeLimits = dataclasses.field(default_factory=ServeLimits)
+    devices: list[str] | None = None  # one worker per entry (`serve_workers.parse_devices`); None: base.device
 
 
 class SegmentService:
-    """Models loaded once; `segment` runs requests one at a time on a worker thread."""
+    """Models loaded once per worker; requests run on whichever worker is free, one at a time each."""
 
     def __init__(self, settings: ServeSettings) -> None:
         unknown = [m for m in settings.methods if m not in METHODS]
@@ -198,32 +184,26 @@ class SegmentService:
         self.limits = settings.limits
         self.default_method = settings.methods[0]
         self.started = time.time()
-        self.models: dict[str, LoadedModels] = {}
-        self._segmenters: OrderedDict[tuple, Segmenter] = OrderedDict()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s2clip-model")
-        self._slots = threading.BoundedSemaphore(self.limits.max_queue)
-        self._pending = 0
-        self._pending_lock = threading.Lock()
-        # Stopping: new and queued requests get 503; the running one is cancelled at its next module
-        # call once `_cancel` is set (`stop`: after the grace time).
-        self._stopping = threading.Event()
-        self._cancel = threading.Event()
-        self._idle = threading.Event()
-        self._idle.set()
-        self._worker: int | None = None  # the model worker's thread id
-        self._cancel_timer: threading.Timer | None = None
-        self._load_models()
         import torch
 
-        self._cancel_hook = torch.nn.modules.module.register_module_forward_pre_hook(self._check_cancel)
+        from ..models.factory import resolve_device
+
+        devices = settings.devices or [str(resolve_device(settings.base.device))]
+        threads = cpu_threads_each(devices, torch.get_num_threads())
+        # One worker after the other: random weights are drawn from one seed, so every worker holds
+        # the same models (and real weights are read from the same files).
+        workers = [Worker(index, device, self._load_models(device), threads if device == "cpu" else None)
+                   for index, device in enumerate(devices)]
+        self.pool = WorkerPool(workers, self.limits.max_queue)
 
     # ------------------------------------------------------------------ start-up
     def _method_config(self, method: str, *, background: bool, sam: bool | None = None, sd: bool = False,
-                       precision: str | None = None) -> SegmenterConfig:
-        """`segment`'s configuration for `method` (its defaults, the explicit options on top)."""
+                       precision: str | None = None, device: str | None = None) -> SegmenterConfig:
+        """`segment`'s configuration for `method` (its defaults, the explicit options on top), on
+        `device` (a worker's; default: the command's --device)."""
         s = self.settings
         base = dataclasses.replace(s.base, prob_thd=0.2 if background else 0.0, sd=sd,
-                                   precision=precision or s.base.precision)
+                                   precision=precision or s.base.precision, device=device or s.base.device)
         explicit = dict(s.explicit)
         if not background:
             explicit.pop("prob_thd", None)
@@ -235,17 +215,29 @@ class SegmentService:
             explicit.setdefault("sam", s.sam_name)
         return method_config(base, method, None, explicit, strict=method == self.default_method)
 
-    def _load_models(self) -> None:
-        """Every served method's models, each model loaded once (`commands.evaluate.ModelPool`),
-        with SAM (unless --no-sam) and SD (when --sd) so that a request may switch them on."""
+    def _load_models(self, device: str) -> dict[str, LoadedModels]:
+        """One worker's models on `device`: every served method's, each model loaded once
+        (`commands.evaluate.ModelPool`), with SAM (unless --no-sam) and SD (when --sd) so that a
+        request may switch them on."""
         pool = ModelPool()
+        models = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             for method in self.settings.methods:
-                cfg = self._method_config(method, background=True, sd=self.settings.base.sd)
+                cfg = self._method_config(method, background=True, sd=self.settings.base.sd, device=device)
                 if cfg.sam is None and self.settings.sam_name is not None:
                     cfg = dataclasses.replace(cfg, sam=self.settings.sam_name)
-                self.models[method] = pool.get(cfg)
+                models[method] = pool.get(cfg)
+        return models
+
+    @property
+    def models(self) -> dict[str, LoadedModels]:
+        """The first worker's models (every worker loads the same ones)."""
+        return self.pool.workers[0].models
+
+    @property
+    def devices(self) -> list[str]:
+        return [worker.device for worker in self.pool.workers]
 
     # ------------------------------------------------------------------ what is served
     @property
@@ -268,18 +260,17 @@ class SegmentService:
         return rows
 
     def health(self) -> dict[str, Any]:
+        """What is loaded, the limits, and the workers and queue (`WorkerPool.health`); `device` names
+        every worker's device (comma-separated), `queued` and `max_queue` repeat the queue's length
+        and capacity (as a one-worker server always answered)."""
         first = self.models[self.default_method]
-        return {"status": "ok", "models": first.mode, "device": str(self._device()), "clip": first.clip.name,
+        workers = self.pool.health()
+        return {"status": "ok", "models": first.mode, "device": ",".join(self.devices), "clip": first.clip.name,
                 "methods": list(self.settings.methods), "default_method": self.default_method,
                 "sam": self.sam_loaded, "sd": self.sd_loaded, "precision": self.settings.base.precision,
-                "queued": self._pending, "max_queue": self.limits.max_queue,
+                **workers, "queued": workers["queue"]["length"], "max_queue": self.limits.max_queue,
                 "max_upload_mb": round(self.limits.max_upload_bytes / 2**20, 3),
                 "max_classes": self.limits.max_classes, "uptime_s": round(time.time() - self.started, 1)}
-
-    def _device(self) -> Any:
-        from ..models.factory import resolve_device
-
-        return resolve_device(self.settings.base.device)
 
     # ------------------------------------------------------------------ requests
     def parse_request(self, fields: Mapping[str, str | None]) -> SegmentRequest:
@@ -315,44 +306,47 @@ class SegmentService:
                                    .replace("--no-background", "no_background=true")) from None
         return SegmentRequest(classes, background or None, method, sam, sd, precision)
 
-    def segmenter(self, request: SegmentRequest) -> Segmenter:
-        """The segmenter of `request` (method, options, classes), built on the loaded models and
-        kept in an LRU cache. Runs on the worker thread only."""
+    def segmenter(self, request: SegmentRequest, worker: Worker) -> Segmenter:
+        """The segmenter of `request` (method, options, classes), built on `worker`'s models and kept
+        in its LRU cache. Runs on that worker's thread only."""
         key = (request.method, request.sam, request.sd, request.precision, request.classes, request.background)
-        seg = self._segmenters.get(key)
+        cache = worker.segmenters
+        seg = cache.get(key)
         if seg is not None:
-            self._segmenters.move_to_end(key)
+            cache.move_to_end(key)
             return seg
         cfg = self._method_config(request.method, background=request.background is not None, sam=request.sam,
-                                  sd=request.sd, precision=request.precision)
+                                  sd=request.sd, precision=request.precision, device=worker.device)
         seg = Segmenter.build(cfg, [list(c) for c in request.classes],
                               list(request.background) if request.background else None,
-                              models=self.models[request.method])
-        self._segmenters[key] = seg
-        while len(self._segmenters) > self.limits.cache_size:
-            self._segmenters.popitem(last=False)
+                              models=worker.models[request.method])
+        cache[key] = seg
+        while len(cache) > self.limits.cache_size:
+            cache.popitem(last=False)
         return seg
 
     def _run(self, image: np.ndarray, request: SegmentRequest, queued_at: float) -> SegmentOutcome:
         waited = time.perf_counter() - queued_at
+        worker = self.pool.current()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            seg = self.segmenter(request)
+            seg = self.segmenter(request, worker)
             result = seg(image)
         timings = {k: round(v, 4) for k, v in result.timings.items()}
         timings["queue"] = round(waited, 4)
         return SegmentOutcome(image=image, labels=result.labels, classes=seg.queries.labels,
                               class_names=seg.queries.class_names, has_background=seg.queries.has_background,
-                              run=run_record(seg), timings=timings, random_models=seg.models.is_random)
+                              run={**run_record(seg), "worker": worker.index}, timings=timings,
+                              random_models=seg.models.is_random)
 
     def submit(self, image: np.ndarray, request: SegmentRequest) -> Future[SegmentOutcome]:
-        """Queue a segmentation on the worker thread; `RequestError` 503 when the queue is full."""
+        """Queue a segmentation for the first free worker; `RequestError` 503 when the queue is full."""
         return self._submit(self._run, image, request, time.perf_counter())
 
     def submit_upload(self, data: bytes, filename: str | None, request: SegmentRequest,
                       answer: Callable[[SegmentOutcome], T]) -> Future[T]:
         """Queue an uploaded image: decoded (`decode_image`), segmented and turned into `answer`'s
-        result on the worker thread, one hand-off per request; `RequestError` 503 when the queue
+        result on a worker thread, one hand-off per request; `RequestError` 503 when the queue
         is full, and the future raises `decode_image`'s `RequestError`s."""
         return self._submit(self._run_upload, data, filename, request, answer, time.perf_counter())
 
@@ -364,24 +358,7 @@ class SegmentService:
         return answer(outcome)
 
     def _submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
-        if self._stopping.is_set():
-            raise RequestError(STOPPING, 503)
-        if not self._slots.acquire(blocking=False):
-            raise RequestError(f"server busy: {self.limits.max_queue} requests are queued; try again later", 503)
-        with self._pending_lock:
-            self._pending += 1
-        try:
-            future = self._executor.submit(self._guarded, fn, *args)
-        except BaseException:
-            self._release()
-            raise
-        future.add_done_callback(lambda _: self._release())
-        return future
-
-    def _release(self) -> None:
-        with self._pending_lock:
-            self._pending -= 1
-        self._slots.release()
+        return self.pool.submit(fn, *args)
 
     def segment(self, image: np.ndarray, request: SegmentRequest) -> SegmentOutcome:
         """Segment `image` for `request` (waits for its turn)."""
@@ -391,48 +368,16 @@ class SegmentService:
         return outcome
 
     # ------------------------------------------------------------------ stopping
-    def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
-        """Runs on the worker: `fn`, unless the server is stopping; a cancelled run is a 503."""
-        if self._stopping.is_set():
-            raise RequestError(STOPPING, 503)
-        self._worker = threading.get_ident()
-        self._idle.clear()
-        try:
-            return fn(*args)
-        except _Cancelled:
-            raise RequestError("the server is stopping: this request was cancelled", 503) from None
-        finally:
-            self._idle.set()
-
-    def _check_cancel(self, module: Any, args: Any) -> None:
-        """A forward pre-hook on every torch module: the worker's run stops at its next module call
-        once it is cancelled."""
-        if self._cancel.is_set() and threading.get_ident() == self._worker:
-            raise _Cancelled
-
     def stop(self, grace_s: float | None = None) -> None:
-        """Stop taking requests: new and queued ones get 503; the running one may finish within
-        `grace_s` (default: the limit's), then is cancelled (503). A second call cancels it now."""
-        if self._stopping.is_set():
-            self._cancel.set()
-            return
-        self._stopping.set()
-        grace = self.limits.grace_s if grace_s is None else grace_s
-        self._cancel_timer = threading.Timer(grace, self._cancel.set)
-        self._cancel_timer.daemon = True
-        self._cancel_timer.start()
+        """Stop taking requests: new and queued ones get 503; the running ones (one per worker) may
+        finish within `grace_s` (default: the limit's), then are cancelled (503). A second call
+        cancels them now."""
+        self.pool.stop(self.limits.grace_s if grace_s is None else grace_s)
 
     def close(self, timeout_s: float = 2.0) -> bool:
-        """Stop at once (cancel what runs, drop what waits) and wait up to `timeout_s` for the worker;
-        True once it is idle (False: a run is stuck outside any module call)."""
-        self._stopping.set()
-        self._cancel.set()
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        idle = self._idle.wait(timeout_s)
-        if self._cancel_timer is not None:
-            self._cancel_timer.cancel()
-        self._cancel_hook.remove()
-        return idle
+        """Stop at once (cancel what runs, drop what waits) and wait up to `timeout_s` for every
+        worker; True once all are idle (False: a run is stuck outside any module call)."""
+        return self.pool.close(timeout_s)
 
 
 # ------------------------------------------------------------------------------ results
