@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -92,6 +92,9 @@ class SegmenterConfig:
     cos_fac: float = 1.2
     refine_neg_cos: bool = True
     sam_halves: bool = False
+    # Knobs of the methods with a head of their own (SC-CLIP, ResCLIP), named as their references
+    # spell them: the methods table's per-benchmark `extra` (commands.methods); empty = the head's defaults.
+    method_options: dict[str, Any] = field(default_factory=dict)
     window_batch: int = 4
     refine: RefineConfig = field(default_factory=RefineConfig)
     # Run SAM's prompt refinement when a SAM model is loaded (False: the model only serves Trident's
