@@ -26,10 +26,11 @@ from s2clip_cli.methods import (
 from s2clip_cli.models.registry import vfm_spec
 from s2clip_cli.pipeline.attention import STRATEGIES
 
-NAMES = ["s2clip", "proxyclip", "trident", "clearclip", "sclip", "naclip", "maskclip", "clip", "cliper"]
+NAMES = ["s2clip", "proxyclip", "trident", "clearclip", "sclip", "naclip", "maskclip", "clip", "cliper", "scclip",
+         "resclip"]
 
 
-def test_all_nine_methods_and_eight_presets() -> None:
+def test_all_eleven_methods_and_eight_presets() -> None:
     assert list(METHODS) == NAMES
     assert set(TABLE_PRESETS) == set(PRESETS) and len(PRESETS) == 8
     for m in METHODS.values():

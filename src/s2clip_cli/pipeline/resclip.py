@@ -47,8 +47,8 @@ from .attention import gaussian_addition, head_attention
 from .method_features import FeatureHead, floor_to_multiple
 from .reference_blocks import reference_range
 
-# Pairs of patches whose paths are checked at once (bounds the [pairs, steps, 2] coordinates).
-PATH_CHUNK_PAIRS = 2**18
+# Path points checked at once (bounds the [starts, h, w, steps] index tensor).
+PATH_CHUNK_POINTS = 2**22
 
 
 @dataclass(frozen=True)
@@ -111,27 +111,33 @@ def entity_paths(labels: Tensor) -> Tensor:
 
     Points ``round(i·(1 − t) + j·t)`` at ``t = k / S`` (S = the largest Chebyshev distance of any
     pair, ``torch.linspace``) for k = 0..steps(i, j) — so a pair closer than S is checked only on
-    the first steps/S of its segment, as ResCLIP. Chunked over pairs (each pair's arithmetic is
-    unchanged)."""
+    the first steps/S of its segment, as ResCLIP. Each axis's rounded coordinates depend only on its
+    start, end and k, so they are computed once per axis (the same float32 arithmetic as ResCLIP's,
+    element by element) and the pairs are checked in chunks of start patches."""
     h, w = labels.shape
     n = h * w
+    max_steps = max(h, w) - 1  # the Chebyshev distance between opposite corners
+    t = torch.linspace(0, 1, steps=max_steps + 1, device=labels.device)
+
+    def axis(size: int) -> Tensor:  # [start, end, k] rounded coordinates along one axis
+        ends = torch.arange(size, device=labels.device)
+        return (ends[:, None, None] * (1 - t) + ends[None, :, None] * t).round().long()
+
+    rows, cols = axis(h), axis(w)
+    flat = labels.reshape(-1)
     index = torch.arange(n, device=labels.device)
-    coords = torch.stack((torch.div(index, w, rounding_mode="floor"), index % w), dim=-1)  # [N, 2]
-    max_steps = int((coords[:, None] - coords[None]).abs().max().item()) if n > 1 else 0
-    t = torch.linspace(0, 1, steps=max_steps + 1, device=labels.device).unsqueeze(1).unsqueeze(0)
-    arange = torch.arange(max_steps + 1, device=labels.device).unsqueeze(0)
-    per_chunk = max(1, PATH_CHUNK_PAIRS // max(1, n * (max_steps + 1)))
-    rows = []
+    start_r, start_c = torch.div(index, w, rounding_mode="floor"), index % w
+    k = torch.arange(max_steps + 1, device=labels.device)
+    per_chunk = max(1, PATH_CHUNK_POINTS // max(1, n * (max_steps + 1)))
+    out = []
     for first in range(0, n, per_chunk):
-        start = coords[first : first + per_chunk].repeat_interleave(n, dim=0)  # [P, 2]
-        end = coords.repeat(min(per_chunk, n - first), 1)
-        steps = torch.max(torch.abs(end - start), dim=1)[0]
-        current = (start.unsqueeze(1) * (1 - t) + end.unsqueeze(1) * t).round().long()
-        valid_steps = arange <= steps.unsqueeze(1)
-        start_values = labels[start[:, 0], start[:, 1]].unsqueeze(1)
-        current_values = labels[current[:, :, 0], current[:, :, 1]]
-        rows.append(((current_values == start_values) | ~valid_steps).all(dim=1))
-    return torch.cat(rows).view(n, n)
+        r, c = start_r[first : first + per_chunk], start_c[first : first + per_chunk]
+        points = rows[r][:, :, None, :] * w + cols[c][:, None, :, :]  # [P, h, w, S+1] flat path indices
+        same = flat[points] == flat[first : first + per_chunk].view(-1, 1, 1, 1)
+        steps = torch.maximum((torch.arange(h, device=r.device) - r[:, None]).abs()[:, :, None],
+                              (torch.arange(w, device=c.device) - c[:, None]).abs()[:, None, :])  # [P, h, w]
+        out.append((same | (k > steps.unsqueeze(-1))).all(dim=-1).reshape(-1, n))
+    return torch.cat(out)
 
 
 def sfr_matrix(labels: Tensor, sigma: float, *, delete_same_entity: bool = True) -> Tensor:
@@ -215,24 +221,49 @@ def first_pass_probs(tokens: Tensor, text: Tensor, windows: Tensor, grid: tuple[
     return torch.softmax(maps * logit_scale, dim=1)
 
 
+@dataclass
+class _LastBlockInputs:
+    """What both passes of the last block share: its values, ``s·k·kᵀ`` and NACLIP's Gaussian."""
+
+    block: nn.Module
+    values: Tensor  # [B, heads, N, head_dim]
+    key_logits: Tensor  # [B, heads, N, N]
+    gauss: Tensor  # [N, N]
+
+
+def _last_block_inputs(clip: ClipBackbone, early: ResclipEarly, sigma: float) -> _LastBlockInputs:
+    block = clip.visual.transformer.resblocks[-1]
+    k, v = _keys_values(block, early.last_input.float())
+    key_logits = torch.matmul(k, k.transpose(-1, -2)) * (k.shape[-1] ** -0.5)
+    return _LastBlockInputs(block, v, key_logits, gaussian_addition(early.grid, sigma, device=v.device))
+
+
+def _first_pass_labels(clip: ClipBackbone, early: ResclipEarly, inputs: _LastBlockInputs, windows: Tensor,
+                       text: Tensor, logit_scale: float, params: ResclipParams) -> Tensor:
+    first = residual_mix(torch.softmax(inputs.key_logits + inputs.gauss, dim=-1), early.rcs, params.attn_rcs_weights)
+    probs = first_pass_probs(_embed(clip, inputs.block, first, inputs.values), text.float(), windows, early.grid,
+                             logit_scale=logit_scale, params=params)
+    return patch_labels(probs, params.temp_thd, clip.patch_size, early.grid)
+
+
+def first_pass_labels(clip: ClipBackbone, early: ResclipEarly, windows: Tensor, text: Tensor, *, logit_scale: float,
+                      sigma: float, params: ResclipParams) -> Tensor:
+    """Steps 2–3's per-patch labels ``[B, h, w]`` (name indices) that the SFR matrix is built from."""
+    inputs = _last_block_inputs(clip, early, sigma)
+    return _first_pass_labels(clip, early, inputs, windows, text, logit_scale, params)
+
+
 def last_block(clip: ClipBackbone, early: ResclipEarly, windows: Tensor, text: Tensor, *, logit_scale: float,
                sigma: float, params: ResclipParams) -> Tensor:
     """Steps 2–4 of the module docstring (float32): ResCLIP's patch embeddings ``[B, h*w, E]``.
     ``windows``: the normalised windows at their own size (the remainder beyond the patch grid
     included, as ResCLIP's first pass stretches its logits over the whole window)."""
-    block = clip.visual.transformer.resblocks[-1]
-    x = early.last_input.float()
-    k, v = _keys_values(block, x)
-    key_logits = torch.matmul(k, k.transpose(-1, -2)) * (k.shape[-1] ** -0.5)
-    gauss = gaussian_addition(early.grid, sigma, device=x.device)
-    first = residual_mix(torch.softmax(key_logits + gauss, dim=-1), early.rcs, params.attn_rcs_weights)
-    probs = first_pass_probs(_embed(clip, block, first, v), text.float(), windows, early.grid,
-                             logit_scale=logit_scale, params=params)
-    labels = patch_labels(probs, params.temp_thd, clip.patch_size, early.grid)
+    inputs = _last_block_inputs(clip, early, sigma)
+    labels = _first_pass_labels(clip, early, inputs, windows, text, logit_scale, params)
     sfr = torch.stack([sfr_matrix(window, sigma, delete_same_entity=params.delete_same_entity) for window in labels])
-    logits = sfr_logits(key_logits, sfr, params.attn_sfr_weights, half=params.sfr_half) + gauss
+    logits = sfr_logits(inputs.key_logits, sfr, params.attn_sfr_weights, half=params.sfr_half) + inputs.gauss
     final = residual_mix(torch.softmax(logits, dim=-1), early.rcs, params.attn_rcs_weights)
-    return _embed(clip, block, final, v)
+    return _embed(clip, inputs.block, final, inputs.values)
 
 
 def resclip_features(clip: ClipBackbone, windows: Tensor, text: Tensor, *, logit_scale: float, sigma: float = 5.0,
@@ -274,6 +305,7 @@ class ResclipHead(FeatureHead):
 
 
 __all__ = [
-    "ResclipEarly", "ResclipHead", "ResclipParams", "early_pass", "entity_paths", "first_pass_probs", "last_block",
+    "ResclipEarly", "ResclipHead", "ResclipParams", "early_pass", "entity_paths", "first_pass_labels", "first_pass_probs",
+    "last_block",
     "patch_labels", "rcs_attention", "resclip_features", "residual_mix", "sfr_logits", "sfr_matrix",
 ]
