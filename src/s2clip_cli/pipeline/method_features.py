@@ -35,7 +35,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import S2ClipError
-from ..methods import LAYERS_CLIPER, LAYERS_HIERARCHICAL, LAYERS_RESCLIP, LAYERS_SCCLIP, PROXY_MEAN_BATCH, Method
+from ..methods import (
+    LAYERS_CLIPER,
+    LAYERS_HIERARCHICAL,
+    LAYERS_RESCLIP,
+    LAYERS_SCCLIP,
+    PROXY_MEAN_BATCH,
+    Method,
+)
 from ..models.clip import CLIP_MEAN, CLIP_STD, ClipLayerStreams, default_layers
 from ..models.precision import autocast, full_precision
 from ..profiling import StageTimer

@@ -186,7 +186,7 @@ def calibrated_block(block: nn.Module, stream: Tensor, calibrated: Tensor) -> Te
     attn: nn.MultiheadAttention = block.attn
     b, n, d = stream.shape
     heads = attn.num_heads
-    q, k, v = F.linear(block.ln_1(stream), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    _, k, v = F.linear(block.ln_1(stream), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
     k = k.reshape(b, n, heads, d // heads).transpose(1, 2)
     v = v.reshape(b, n, heads, d // heads).transpose(1, 2)
     scale = (d // heads) ** -0.5
