@@ -435,8 +435,7 @@ def test_the_float16_cast_of_the_sfr_matrix_is_reproduced_on_request() -> None:
     assert 0 < gap < 2.2 * 0.7 * 2**-11  # float16's rounding of values in [0, 1], scaled by τ·λ
 
 
-@pytest.mark.parametrize("sfr_half", [False, True])
-@pytest.mark.parametrize("size", [(96, 96), (80, 128)])
+@pytest.mark.parametrize(("size", "sfr_half"), [((96, 96), False), ((80, 128), True)])
 def test_resclip_features_equal_resclip_forward(clip: ClipBackbone, size: tuple[int, int], sfr_half: bool) -> None:
     gen = torch.Generator().manual_seed(10)
     images = torch.randn(2, 3, *size, generator=gen)
