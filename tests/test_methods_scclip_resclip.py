@@ -153,9 +153,11 @@ def test_scclip_whole_image_on_a_non_square_grid(models: LoadedModels) -> None:
     assert labels.shape == image.shape[:2]
 
 
-def test_resclip_runs_windows_of_one_batch_like_one_at_a_time(models: LoadedModels) -> None:
-    image = np.random.default_rng(2).integers(0, 255, (64, 112, 3), dtype=np.uint8)
-    one, four = (_segmenter(models, "resclip", "context60", short_side=64, crop=48, stride=32, window_batch=b)
+@pytest.mark.parametrize("method", NEW)
+def test_windows_of_one_batch_give_what_one_at_a_time_gives(models: LoadedModels, method: str) -> None:
+    """The LOF, the calibrated attention's mean and the SFR matrix are each window's own."""
+    image = np.random.default_rng(2).integers(0, 255, (112, 176, 3), dtype=np.uint8)
+    one, four = (_segmenter(models, method, "context60", short_side=112, crop=96, stride=40, window_batch=b)
                  for b in (1, 4))
     with torch.no_grad():
         torch.testing.assert_close(one.predict_logits(image), four.predict_logits(image), rtol=1e-5, atol=1e-6)
