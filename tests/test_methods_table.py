@@ -26,7 +26,8 @@ from s2clip_cli.methods import (
 from s2clip_cli.models.registry import vfm_spec
 from s2clip_cli.pipeline.attention import STRATEGIES
 
-NAMES = ["s2clip", "proxyclip", "trident", "clearclip", "sclip", "naclip", "maskclip", "clip", "cliper", "corrclip"]
+NAMES = ["s2clip", "proxyclip", "trident", "clearclip", "sclip", "naclip", "maskclip", "clip", "cliper", "corrclip",
+         "scclip", "resclip"]
 
 
 def test_all_methods_and_eight_presets() -> None:

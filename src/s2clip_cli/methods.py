@@ -14,7 +14,7 @@ This module is pure data (stdlib + ``s2clip_cli.config``); the pipeline reads it
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -35,12 +35,22 @@ LAYERS_LAST = "last"  # the last block's output only
 LAYERS_HIERARCHICAL = "hierarchical"  # S2CLIP: the last block's correlation on several kept streams
 LAYERS_CLIPER = "cliper_all"  # CLIPer: last-block attention on every layer's ln_1 input, maps averaged
 LAYERS_CORRCLIP = "corrclip_branches"  # CorrCLIP: last block + spatial (mean of mid streams) + semantic branches
+# SC-CLIP and ResCLIP: heads of their own (pipeline.scclip, pipeline.resclip) around the strategy
+# their last-block attention builds on (SC-CLIP: kk; ResCLIP: neighbourhood, NACLIP's).
+LAYERS_SCCLIP = "scclip"
+LAYERS_RESCLIP = "resclip"
 LAYER_POLICIES: dict[str, str] = {
     LAYERS_LAST: "last block only",
     LAYERS_HIERARCHICAL: "S2CLIP hierarchical (kept streams 6–10 + correlation block)",
     LAYERS_CLIPER: "CLIPer all-layer fusion (12 maps averaged)",
     LAYERS_CORRCLIP: "CorrCLIP: last block's input + mean of streams 5–9 (spatial) + per-mask class tokens (semantic)",
+    LAYERS_SCCLIP: "SC-CLIP: LOF anomaly repair of block 10's tokens, self-calibration from blocks 8 and 3, "
+                   "multi-level fusion of blocks 3–9",
+    LAYERS_RESCLIP: "ResCLIP: RCS (mean q-k attention of blocks 5–8) and SFR (a first pass's segmentation) "
+                    "in the last block's attention",
 }
+# Methods whose per-benchmark `extra` knobs go to their head (SegmenterConfig.method_options).
+HEAD_OPTION_LAYERS: frozenset[str] = frozenset({LAYERS_SCCLIP, LAYERS_RESCLIP})
 
 # How a window that is not a multiple of the patch size is fed (sliding windows; the whole-image
 # pass always feeds the image unpadded, as every reference does).
@@ -496,55 +506,7 @@ _add(Method(
 ))
 
 
-_add(Method(
-    name="corrclip", title="CorrCLIP", strategy="scoped", residual=False, ffn=False, layers=LAYERS_CORRCLIP,
-    vfm="dino_vitb8", postprocess=("mask_correction",), logit_scale=40.0,
-    defaults=Protocol(short_side=336, crop=336, stride=112),
-    protocol=_per_preset(
-        voc21=Protocol(prob_thd=0.2, class_file="corrclip/voc21.txt"),
-        context60=Protocol(prob_thd=0.15, class_file="corrclip/context60.txt"),
-        coco_object=Protocol(prob_thd=0.25, class_file="corrclip/coco_object.txt"),
-        voc20=Protocol(class_file="corrclip/voc20.txt"),
-        cityscapes=Protocol(short_side=448, crop=224, stride=112, class_file="corrclip/cityscapes.txt"),
-        context59=Protocol(class_file="corrclip/context59.txt"),
-        ade20k=Protocol(short_side=448, class_file="corrclip/ade20k.txt"),
-        coco_stuff164k=Protocol(class_file="corrclip/coco_stuff164k.txt"),
-    ),
-    reported=(
-        Reported("CorrCLIP README, ViT-B/16 (MetaCLIP), SAM2 masks with 32 points per side (its pre-generated "
-                 "masks, --instance-masks); average 51.0",
-                 _miou((74.8, 44.2, 43.7, 88.8, 49.4, 48.8, 26.9, 31.6))),
-        Reported("CorrCLIP README, ViT-B/16 (MetaCLIP), SAM2 with 8 points per side (its code's generator, our "
-                 "default); average 50.4", _miou((73.9, 43.7, 43.6, 87.6, 47.9, 48.0, 26.5, 31.8))),
-        Reported("CorrCLIP README, ViT-L/14 (MetaCLIP), SAM2 32 points per side; average 53.6",
-                 _miou((76.7, 44.9, 49.4, 91.5, 51.1, 50.8, 30.7, 34.0))),
-        Reported("CorrCLIP README, ViT-L/14 (MetaCLIP), SAM2 8 points per side; average 52.9",
-                 _miou((76.2, 44.2, 49.0, 91.2, 48.9, 49.9, 29.8, 33.7))),
-    ),
-    deviations=(
-        "CorrCLIPv1 as its code runs: MetaCLIP ViT-B/16 (fullcc; --clip MetaCLIP-L/14 for its L/14 rows), DINO "
-        "ViT-B/8 q+k features, windows padded to x56, mask merging (scikit-learn DBSCAN, eps 0.2, min_samples 1), "
-        "scope-reconstructed attention (tau 4), spatial branch (mean of streams 5–9) and semantic branch (one mask "
-        "class token per region), weights 1.0/0.5, map correction after prob_thd; its configs' protocol (336, "
-        "crop 336/stride 112; Cityscapes 448 with 224/112; ADE 448; prob_thd 0.2/0.15/0.25 on VOC21/Context60/"
-        "COCO-Object) and its class files ('people' for 'person'; COCO-Object's background without 'bed'; its "
-        "Context60 file ends in 'wood ' with a trailing space, which ours strips). Masks: SAM 2 Hiera-L's automatic "
-        "generator with its code's parameters (8 points per side, pred_iou_thresh 0.4, stability_score_thresh 0.4, "
-        "one mask per point, no post-processing; --mask-points 32 for its table's 32-point setting, whose other "
-        "parameters are in its paper, not its code) painted smallest area first, or its published pre-generated "
-        "masks (--instance-masks DIR, the README's SAM2-32 rows). The generator runs under the run's precision "
-        "(CorrCLIP: the model cast to fp16 on CUDA); the attention arithmetic is float32 and a DINO-grid row with "
-        "no kept entry attends to itself (CorrCLIP: NaN). The whole-image pass is one window of the whole image "
-        "padded to x56 (CorrCLIP's slide inference with a crop no smaller than the image). `segment` corrects the "
-        "map at the working size (the mask resized by nearest neighbour); `eval` at the image's size, as CorrCLIP. "
-        "Mask-level SAM prompt refinement is off (CorrCLIP has its own masks; --sam adds it after the correction). "
-        + _PROTOCOL_COMMON.replace("open_clip with OpenAI weights", "open_clip (MetaCLIP weights for corrclip)")
-    ),
-    reference="zdk258/CorrCLIP 103bc18 (CorrCLIPv1/corrclip_segmentor.py, open_clip/transformer.py)",
-    clip="MetaCLIP-B/16", instance_masks=True,
-))
-
-
+    "HEAD_OPTION_LAYERS", "LAYERS_CORRCLIP", "LAYERS_RESCLIP", "LAYERS_SCCLIP", "LAYER_POLICIES", "METHODS", "OPTIONAL_STEPS", "POSTPROCESS_STEPS", "PROXY_MEAN_BATCH", "PROXY_MEAN_WINDOW",
 # ------------------------------------------------------------------------------------------ queries
 def get_method(name: str) -> Method:
     try:
@@ -606,7 +568,7 @@ def method_table_rows() -> list[dict[str, str]]:
         primary = m.reported[0]
         row = {
             "method": m.name,
-            "strategy": m.strategy,
+            "strategy": f"{m.layers} over {m.strategy}" if m.layers in HEAD_OPTION_LAYERS else m.strategy,
             "residual/FFN": f"{_yes_no(m.residual)}/{_yes_no(m.ffn)}",
             "layers": m.layers,
             "VFM": m.vfm or "–",
@@ -626,6 +588,7 @@ def deviations(name: str) -> str:
 
 __all__ = [
     "LAYERS_CORRCLIP", "LAYER_POLICIES", "METHODS", "OPTIONAL_STEPS", "POSTPROCESS_STEPS", "PROXY_MEAN_BATCH", "PROXY_MEAN_WINDOW",
+    "HEAD_OPTION_LAYERS", "LAYERS_RESCLIP", "LAYERS_SCCLIP", "LAYER_POLICIES", "METHODS", "OPTIONAL_STEPS", "POSTPROCESS_STEPS", "PROXY_MEAN_BATCH", "PROXY_MEAN_WINDOW",
     "TABLE_HEADERS", "TABLE_PRESETS", "TEMPLATES", "WHOLE_TO_LABEL", "WHOLE_VIA_IMAGE", "WINDOW_DROP", "WINDOW_PAD",
     "Method",
     "Protocol", "Reported", "ResolvedProtocol", "deviations", "get_method", "method_table_rows",

@@ -102,6 +102,8 @@ def method_settings_record(cfg: SegmenterConfig) -> dict[str, Any]:
         out["sigma"] = cfg.sigma
     if method.name == "cliper":
         out["attention_thr"] = cfg.attention_thr
+    if cfg.method_options:
+        out["method_options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.method_options.items()}
     if method.name == "trident":
         out["trident"] = {"cos_fac": cfg.cos_fac, "refine_neg_cos": cfg.refine_neg_cos, "halves": cfg.sam_halves,
                           "sam_prompts": cfg.sam_refine}

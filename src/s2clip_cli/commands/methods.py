@@ -19,6 +19,7 @@ from ..data.class_names import read_class_file
 from ..data.presets import PRESETS, DatasetPreset
 from ..errors import S2ClipError
 from ..methods import (
+    HEAD_OPTION_LAYERS,
     METHODS,
     TABLE_HEADERS,
     TABLE_PRESETS,
@@ -94,6 +95,7 @@ def method_settings(method: str, preset: DatasetPreset | None, base: SegmenterCo
         "pamr_iterations": int(extra.get("pamr_steps", base.pamr_iterations)),
         "pamr_dilations": tuple(extra.get("pamr_dilations", base.pamr_dilations)),
         "sam_halves": preset is not None and preset.name == "cityscapes",
+        "method_options": dict(extra) if m.layers in HEAD_OPTION_LAYERS else {},
     }
     if m.vfm is not None:
         settings["vfm"] = m.vfm

@@ -6,7 +6,7 @@ backbone's patch grid, which the Segmenter stitches, classifies and refines. A w
 multiple of a backbone's patch size loses its right/bottom remainder to that backbone's patch
 convolution, as in the references' unpadded passes (the Segmenter pads the windows of the methods
 whose references pad them).
-Five families (``s2clip_cli.methods`` names the method → family mapping):
+Seven families (``s2clip_cli.methods`` names the method → family mapping):
 
 - `ProxyLayersHead` — S2CLIP and ProxyCLIP: the VFM's proxy attention on the value path of each kept
   CLIP stream (S2CLIP: several layers combined; ProxyCLIP: the last block's input only), cosines
@@ -20,6 +20,8 @@ Five families (``s2clip_cli.methods`` names the method → family mapping):
   instance masks, spatial and semantic branches, windows of its own (`pipeline.corrclip`).
 - `CliperHead` — CLIPer's layer fusion and attention propagation (`pipeline.cliper`) on the whole
   image; its maps are already probabilities over the names (``scores = "probability"``).
+- `pipeline.scclip.ScclipHead`, `pipeline.resclip.ResclipHead` — SC-CLIP's self-calibrated
+  features and ResCLIP's residual attention over NACLIP, cosines on the CLIP grid.
 
 Backbones run under the run's autocast; attention arithmetic, projections onto the text
 embeddings and everything after in float32.
@@ -35,7 +37,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import S2ClipError
-from ..methods import LAYERS_CLIPER, LAYERS_HIERARCHICAL, PROXY_MEAN_BATCH, Method
+from ..methods import (
+    LAYERS_CLIPER,
+    LAYERS_HIERARCHICAL,
+    LAYERS_RESCLIP,
+    LAYERS_SCCLIP,
+    PROXY_MEAN_BATCH,
+    Method,
+)
 from ..models.clip import CLIP_MEAN, CLIP_STD, ClipLayerStreams, default_layers
 from ..models.precision import autocast, full_precision
 from ..profiling import StageTimer
@@ -303,6 +312,14 @@ def make_head(seg: Segmenter, method: Method) -> FeatureHead:
         return TridentHead(seg)
     if method.layers == LAYERS_CLIPER:
         return CliperHead(seg)
+    if method.layers == LAYERS_SCCLIP:  # heads in modules of their own (they import this one)
+        from .scclip import ScclipHead
+
+        return ScclipHead(seg)
+    if method.layers == LAYERS_RESCLIP:
+        from .resclip import ResclipHead
+
+        return ResclipHead(seg)
     if method.strategy == "proxy":
         return ProxyLayersHead(seg)
     return LastBlockHead(seg)

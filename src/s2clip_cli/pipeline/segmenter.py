@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -95,6 +95,9 @@ class SegmenterConfig:
     cos_fac: float = 1.2
     refine_neg_cos: bool = True
     sam_halves: bool = False
+    # Knobs of the methods with a head of their own (SC-CLIP, ResCLIP), named as their references
+    # spell them: the methods table's per-benchmark `extra` (commands.methods); empty = the head's defaults.
+    method_options: dict[str, Any] = field(default_factory=dict)
     window_batch: int = 4
     # Class-agnostic instance masks (CorrCLIP): a folder of pre-generated `<image stem>.npz` files, else SAM 2's
     # automatic mask generator (`mask_model`, `mask_points` points per side; refine.instance_masks).
