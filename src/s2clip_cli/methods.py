@@ -506,7 +506,157 @@ _add(Method(
 ))
 
 
-    "HEAD_OPTION_LAYERS", "LAYERS_CORRCLIP", "LAYERS_RESCLIP", "LAYERS_SCCLIP", "LAYER_POLICIES", "METHODS", "OPTIONAL_STEPS", "POSTPROCESS_STEPS", "PROXY_MEAN_BATCH", "PROXY_MEAN_WINDOW",
+_add(Method(
+    name="corrclip", title="CorrCLIP", strategy="scoped", residual=False, ffn=False, layers=LAYERS_CORRCLIP,
+    vfm="dino_vitb8", postprocess=("mask_correction",), logit_scale=40.0,
+    defaults=Protocol(short_side=336, crop=336, stride=112),
+    protocol=_per_preset(
+        voc21=Protocol(prob_thd=0.2, class_file="corrclip/voc21.txt"),
+        context60=Protocol(prob_thd=0.15, class_file="corrclip/context60.txt"),
+        coco_object=Protocol(prob_thd=0.25, class_file="corrclip/coco_object.txt"),
+        voc20=Protocol(class_file="corrclip/voc20.txt"),
+        cityscapes=Protocol(short_side=448, crop=224, stride=112, class_file="corrclip/cityscapes.txt"),
+        context59=Protocol(class_file="corrclip/context59.txt"),
+        ade20k=Protocol(short_side=448, class_file="corrclip/ade20k.txt"),
+        coco_stuff164k=Protocol(class_file="corrclip/coco_stuff164k.txt"),
+    ),
+    reported=(
+        Reported("CorrCLIP README, ViT-B/16 (MetaCLIP), SAM2 masks with 32 points per side (its pre-generated "
+                 "masks, --instance-masks); average 51.0",
+                 _miou((74.8, 44.2, 43.7, 88.8, 49.4, 48.8, 26.9, 31.6))),
+        Reported("CorrCLIP README, ViT-B/16 (MetaCLIP), SAM2 with 8 points per side (its code's generator, our "
+                 "default); average 50.4", _miou((73.9, 43.7, 43.6, 87.6, 47.9, 48.0, 26.5, 31.8))),
+        Reported("CorrCLIP README, ViT-L/14 (MetaCLIP), SAM2 32 points per side; average 53.6",
+                 _miou((76.7, 44.9, 49.4, 91.5, 51.1, 50.8, 30.7, 34.0))),
+        Reported("CorrCLIP README, ViT-L/14 (MetaCLIP), SAM2 8 points per side; average 52.9",
+                 _miou((76.2, 44.2, 49.0, 91.2, 48.9, 49.9, 29.8, 33.7))),
+    ),
+    deviations=(
+        "CorrCLIPv1 as its code runs: MetaCLIP ViT-B/16 (fullcc; --clip MetaCLIP-L/14 for its L/14 rows), DINO "
+        "ViT-B/8 q+k features, windows padded to x56, mask merging (scikit-learn DBSCAN, eps 0.2, min_samples 1), "
+        "scope-reconstructed attention (tau 4), spatial branch (mean of streams 5–9) and semantic branch (one mask "
+        "class token per region), weights 1.0/0.5, map correction after prob_thd; its configs' protocol (336, "
+        "crop 336/stride 112; Cityscapes 448 with 224/112; ADE 448; prob_thd 0.2/0.15/0.25 on VOC21/Context60/"
+        "COCO-Object) and its class files ('people' for 'person'; COCO-Object's background without 'bed'; its "
+        "Context60 file ends in 'wood ' with a trailing space, which ours strips). Masks: SAM 2 Hiera-L's automatic "
+        "generator with its code's parameters (8 points per side, pred_iou_thresh 0.4, stability_score_thresh 0.4, "
+        "one mask per point, no post-processing; --mask-points 32 for its table's 32-point setting, whose other "
+        "parameters are in its paper, not its code) painted smallest area first, or its published pre-generated "
+        "masks (--instance-masks DIR, the README's SAM2-32 rows). The generator runs under the run's precision "
+        "(CorrCLIP: the model cast to fp16 on CUDA); the attention arithmetic is float32 and a DINO-grid row with "
+        "no kept entry attends to itself (CorrCLIP: NaN). The whole-image pass is one window of the whole image "
+        "padded to x56 (CorrCLIP's slide inference with a crop no smaller than the image). `segment` corrects the "
+        "map at the working size (the mask resized by nearest neighbour); `eval` at the image's size, as CorrCLIP. "
+        "Mask-level SAM prompt refinement is off (CorrCLIP has its own masks; --sam adds it after the correction). "
+        + _PROTOCOL_COMMON.replace("open_clip with OpenAI weights", "open_clip (MetaCLIP weights for corrclip)")
+    ),
+    reference="zdk258/CorrCLIP 103bc18 (CorrCLIPv1/corrclip_segmentor.py, open_clip/transformer.py)",
+    clip="MetaCLIP-B/16", instance_masks=True,
+))
+
+
+# SCLIP's class files (configs/cls_*.txt, ', '-separated; NACLIP, SC-CLIP and ResCLIP ship the same),
+# packaged as class_names/sclip/*.txt where they differ from ours.
+_SCLIP_CLASS_FILES = {name: Protocol(class_file=f"sclip/{name}.txt") for name in ("voc21", "voc20", "coco_object")}
+
+
+def _with_class_file(preset: str, protocol: Protocol) -> Protocol:
+    own = _SCLIP_CLASS_FILES.get(preset)
+    return protocol if own is None else replace(protocol, class_file=own.class_file)
+
+
+def _sclip_files(**overrides: Protocol) -> Mapping[str, Protocol]:
+    """`_per_preset` with SCLIP's class files on VOC21, VOC20 and COCO-Object."""
+    table = _per_preset(**overrides)
+    return MappingProxyType({name: _with_class_file(name, p) for name, p in table.items()})
+
+
+_SCCLIP_CLASS_NOTE = (
+    "Class names are SC-CLIP's files (SCLIP's: person 7 variants, 8 with 'body' on COCO-Object; tvmonitor 5; "
+    "26 background words on VOC21 and COCO-Object), packaged as class_names/sclip/*.txt."
+)
+
+_add(Method(
+    name="scclip", title="SC-CLIP", strategy="kk", residual=False, ffn=False, layers=LAYERS_SCCLIP,
+    vfm=None, postprocess=(), logit_scale=40.0,
+    defaults=Protocol(short_side=336, crop=224, stride=112,
+                      extra=_extra(pre_adjust_idx=8, post_adjust_idx=3, multi_start_idx=3, multi_end_idx=10,
+                                   res_cls=0.3, beta=0.4, n_neighbors=30, contamination=0.05)),
+    protocol=_sclip_files(
+        voc21=Protocol(logit_scale=50.0, prob_thd=0.15, area_thd=0.1),
+        context60=Protocol(prob_thd=0.15),
+        coco_object=Protocol(logit_scale=55.0, prob_thd=0.35),
+        cityscapes=Protocol(short_side=560),
+    ),
+    reported=(
+        Reported("SC-CLIP README reports none; third-party tables (issue 24): average over the 8 benchmarks "
+                 "about 43.9 (ViT-B/16), 45.2 (ViT-L/14), per-benchmark values not verified here",
+                 _miou((None, None, None, None, None, None, None, None))),
+    ),
+    deviations=(
+        "SC-CLIP's calibration as its code (configs/base_config.py: pre 8, post 3, multi-level 3–9, res_cls 0.3; "
+        "similarity threshold 0.4; LOF with 30 neighbours, outliers above the 0.95 torch.quantile of the scores, "
+        "computed per window in float32 in its order). Outlier tokens are located on the window's own grid "
+        "(row-major, token i = (i // w, i % w)); SC-CLIP indexes them as (i // h, i % h), right only on square grids "
+        "(its sliding windows are square; its whole-image path raises IndexError or repairs the wrong patches on "
+        "any other), so --whole-image works here on any image. Fewer than 31 patches (SC-CLIP's topk fails): "
+        "min(30, N − 1) neighbours. Windows are fed unpadded (remainder dropped by the patch conv, logits "
+        "stretched over the window) and a whole-image pass resizes the grid's logits straight to the label size, "
+        "as SC-CLIP's forward_feature; area_thd on VOC21 as SCLIP's. On CLIPs shallower than 12 blocks (the tiny "
+        "test models) the block indices are scaled to the depth; deeper ones use them as they are, as SC-CLIP. "
+        + _SCCLIP_CLASS_NOTE + " SC-CLIP loads OpenAI CLIP (fp16 on GPU). " + _PROTOCOL_COMMON
+    ),
+    reference="SuleBai/SC-CLIP 0417ba9",
+    window_remainder=WINDOW_DROP,
+))
+
+
+def _resclip(temp_thd: float, rcs: tuple[float, float], sfr: tuple[float, float], **fields: Any) -> Protocol:
+    return Protocol(**fields, extra=_extra(temp_thd=temp_thd, attn_rcs_weights=rcs, attn_sfr_weights=sfr))
+
+
+_add(Method(
+    name="resclip", title="ResCLIP (over NACLIP)", strategy="neighbourhood", residual=False, ffn=False,
+    layers=LAYERS_RESCLIP, vfm=None, postprocess=(), logit_scale=40.0, sigma=5.0,
+    defaults=Protocol(short_side=336, crop=224, stride=112,
+                      extra=_extra(temp_thd=0.25, attn_rcs_weights=(2.0, 0.4), attn_sfr_weights=(1.8, 0.7),
+                                   delete_same_entity=True, rcs_blocks=(5, 9), sfr_pamr_steps=10,
+                                   sfr_pamr_dilations=(8, 16), sfr_half=False)),
+    protocol=_sclip_files(
+        voc21=_resclip(0.50, (2.0, 0.3), (2.2, 0.7), whole_image=True, prob_thd=0.1),
+        context60=_resclip(0.30, (2.0, 0.3), (1.8, 0.7), prob_thd=0.1),
+        coco_object=_resclip(0.11, (2.0, 0.4), (1.8, 0.7), prob_thd=0.1),
+        voc20=_resclip(0.10, (2.0, 0.6), (2.1, 0.6), whole_image=True),
+        cityscapes=_resclip(0.10, (2.0, 0.2), (2.1, 0.6), short_side=560),
+        context59=_resclip(0.25, (2.0, 0.4), (1.8, 0.7)),
+        ade20k=_resclip(0.25, (2.0, 0.3), (2.1, 0.7)),
+        coco_stuff164k=_resclip(0.11, (2.0, 0.4), (1.8, 0.7)),
+    ),
+    reported=(
+        Reported("ResCLIP README (results images), NACLIP + ResCLIP, ViT-B/16 (average 41.4)",
+                 _miou((61.1, 33.5, 35.0, 86.0, 35.9, 36.8, 18.0, 24.7))),
+        Reported("ResCLIP README (results images), NACLIP + ResCLIP, ViT-L/14",
+                 _miou((54.1, 30.9, 32.5, 85.5, 33.7, 34.5, 18.2, 23.4))),
+    ),
+    deviations=(
+        "The plug-in form of ResCLIP's default configuration (test_all.sh wo_resi resclip 5): NACLIP's last block "
+        "(k-k + Gaussian σ 5, no residual/FFN) with RCS (mean q-k attention of blocks 5–8) and SFR (a first pass's "
+        "labels, refined by PAMR 10 it. (8, 16) on the window), its per-benchmark temp_thd, attn_rcs_weights and "
+        "attn_sfr_weights, delete_same_entity, no PAMR on the output; VOC21/VOC20 whole image as NACLIP (logits "
+        "stretched to the resized image, then to the label size), class probabilities renormalised after the labels "
+        "as NACLIP. Differences: runs on any device (ResCLIP hard-wires CUDA: .cuda() and PAMR on 'cuda'); the "
+        "normalised SFR matrix stays float32 (ResCLIP casts it to float16: ≤ 1.3e-5 in the probabilities; "
+        "method option sfr_half=True reproduces the cast); the first pass's PAMR always runs (ResCLIP wraps it in "
+        "try/except RuntimeError, so an out-of-memory error skipped it silently); RCS and SFR always on (ResCLIP's "
+        "use_rcs=use_rcs, stores a tuple, so its switches are always true too); its area_thd branch acts on the "
+        "logits and changes nothing (no config sets it). `segment` uses its Context59 settings (temp_thd 0.25, "
+        "RCS (2.0, 0.4), SFR (1.8, 0.7)). On CLIPs shallower than 12 blocks the RCS blocks are scaled to the "
+        "depth. " + _SCCLIP_CLASS_NOTE.replace("SC-CLIP's", "ResCLIP's") + " " + _PROTOCOL_COMMON
+    ),
+    reference="yvhangyang/ResCLIP 0e085f7",
+    window_remainder=WINDOW_DROP, whole_image_logits=WHOLE_VIA_IMAGE, renormalize_probs=True,
+))
+
 # ------------------------------------------------------------------------------------------ queries
 def get_method(name: str) -> Method:
     try:
@@ -587,8 +737,7 @@ def deviations(name: str) -> str:
 
 
 __all__ = [
-    "LAYERS_CORRCLIP", "LAYER_POLICIES", "METHODS", "OPTIONAL_STEPS", "POSTPROCESS_STEPS", "PROXY_MEAN_BATCH", "PROXY_MEAN_WINDOW",
-    "HEAD_OPTION_LAYERS", "LAYERS_RESCLIP", "LAYERS_SCCLIP", "LAYER_POLICIES", "METHODS", "OPTIONAL_STEPS", "POSTPROCESS_STEPS", "PROXY_MEAN_BATCH", "PROXY_MEAN_WINDOW",
+    "HEAD_OPTION_LAYERS", "LAYERS_CORRCLIP", "LAYERS_RESCLIP", "LAYERS_SCCLIP", "LAYER_POLICIES", "METHODS", "OPTIONAL_STEPS", "POSTPROCESS_STEPS", "PROXY_MEAN_BATCH", "PROXY_MEAN_WINDOW",
     "TABLE_HEADERS", "TABLE_PRESETS", "TEMPLATES", "WHOLE_TO_LABEL", "WHOLE_VIA_IMAGE", "WINDOW_DROP", "WINDOW_PAD",
     "Method",
     "Protocol", "Reported", "ResolvedProtocol", "deviations", "get_method", "method_table_rows",
