@@ -291,9 +291,11 @@ def _evaluate(dataset: SegDataset, predict_fn: PredictFn, work_dir: Path, config
         raise  # nothing to tell the others: they know, or they are gone
     except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: no waiting for the other ranks (they got it
         # too, or see this rank's connections close at their next check)
-        rank = f"rank {ctx.rank}: " if ctx.is_distributed else ""
-        exc.add_note(f"{rank}{len(set(done) & set(ids)) + n_new} of {len(ids)} images are recorded in {work_dir}; "
-                     "rerun the same command to resume")
+        before = len(set(done) & set(ids))
+        exc.add_note((f"rank {ctx.rank} recorded {n_new} images in {work_dir} ({before} of {len(ids)} were there "
+                      "before)" if ctx.is_distributed else
+                      f"{before + n_new} of {len(ids)} images are recorded in {work_dir}")
+                     + "; rerun the same command to resume")
         raise
     except BaseException:
         watch.abort()  # the other ranks stop at their next check
