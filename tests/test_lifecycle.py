@@ -151,7 +151,7 @@ def test_workers_die_with_a_parent_killed_with_sigkill_and_ignore_ctrl_c(tmp_pat
 
 def _eval_args(data: Path, work: Path) -> list[str]:
     return ["eval", "--dataset", "voc21", "--data-root", str(data), "--work-dir", str(work), "--models", "tiny",
-            "--device", "cpu", "--no-sam", "--num-workers", "2"]
+            "--device", "cpu", "--no-sam", "--short-side", "112", "--num-workers", "2"]
 
 
 def _records(work: Path) -> int:
@@ -162,7 +162,7 @@ def _records(work: Path) -> int:
 def test_eval_killed_with_sigkill_leaves_no_process_and_resumes_to_the_same_miou(tmp_path: Path) -> None:
     from s2clip_cli.data.synthetic import write_synthetic_dataset
 
-    data = write_synthetic_dataset("voc21", tmp_path / "voc", n_images=8)
+    data = write_synthetic_dataset("voc21", tmp_path / "voc", n_images=6)
     whole = subprocess.run([sys.executable, "-m", "s2clip_cli", *_eval_args(data, tmp_path / "whole")], env=ENV,
                            capture_output=True, text=True, timeout=600)
     assert whole.returncode == 0, whole.stderr[-2000:]
