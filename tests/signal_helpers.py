@@ -215,8 +215,8 @@ def download_code(url: str) -> str:
     """``python -c`` code: the CLI with SAM ViT-B's download address pointed at ``url``."""
     return ("import dataclasses, sys\n"
             "from s2clip_cli.models import registry\n"
-            "spec = dataclasses.replace(registry.SAM_SPECS['vit_b'], url=%r)\n"
+            f"spec = dataclasses.replace(registry.SAM_SPECS['vit_b'], url={url!r})\n"
             "registry.SAM_SPECS['vit_b'] = registry.ALL_SPECS['vit_b'] = spec\n"
             "from s2clip_cli.cli import main\n"
             "sys.argv[0] = 's2clip'\n"
-            "main()\n" % url)
+            "main()\n")

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 from signal_helpers import ENV, SlowFile, alive, assert_clean_interruption, children_of, download_code, start
 
-from s2clip_cli.cli.interrupts import FORCE_EXIT_S
+from s2clip_cli.cli.interrupts import FORCE_EXIT_S, REACT_S
 
 TINY = ["--models", "tiny", "--device", "cpu"]
 
@@ -82,6 +82,26 @@ def test_a_clean_up_that_hangs_is_cut_short(tmp_path: Path) -> None:
     assert "clean-up was still running" in run.output and "Traceback" not in run.output
 
 
+_BUSY_IN_C = textwrap.dedent("""
+    import ctypes, os, signal
+    from s2clip_cli.cli import interrupts
+    interrupts.install()
+    signal.siginterrupt(signal.SIGINT, False)  # the read below restarts after the signal: it stays in C
+    r, w = os.pipe()
+    print("computing", flush=True)
+    ctypes.CDLL(None).read(r, ctypes.create_string_buffer(1), 1)  # as one long matrix product would
+    print("never", flush=True)
+""")
+
+
+def test_a_main_thread_busy_in_c_is_stopped_within_the_reaction_time() -> None:
+    run = start([], python_code=_BUSY_IN_C)
+    run.wait_for_output("computing")
+    status, seconds = run.signal_group(signal.SIGINT)
+    assert status == 130 and seconds < REACT_S + 1.0, (status, seconds, run.output)
+    assert "busy in one computation" in run.output and "never" not in run.output
+
+
 def test_sigint_ignored_at_start_stays_ignored(tmp_path: Path) -> None:
     """`nohup` or a background job of a script: Ctrl-C was not meant for it; SIGTERM still stops it."""
     proc = subprocess.Popen([sys.executable, "-c", _COMMAND, str(tmp_path / "mark"), "0"], env=ENV,
@@ -93,6 +113,20 @@ def test_sigint_ignored_at_start_stays_ignored(tmp_path: Path) -> None:
     assert proc.poll() is None
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(10) == 143
+
+
+def test_install_and_uninstall_put_back_what_was_there() -> None:
+    """What `serve` relies on to run its own shutdown, then hand back."""
+    from s2clip_cli.cli import interrupts
+
+    before = interrupts.installed_handlers()
+    try:
+        interrupts.install()
+        assert all(h is interrupts._on_signal for h in interrupts.installed_handlers().values())
+        interrupts.uninstall()
+        assert interrupts.installed_handlers() == before
+    finally:
+        interrupts.restore(before)
 
 
 # ------------------------------------------------------------------------------ decode workers
