@@ -53,6 +53,7 @@ SLOW_TESTS: tuple[str, ...] = (
     # command, interrupts it, and reruns it to check the resume
     "test_lifecycle.py::test_eval_killed_with_sigkill_leaves_no_process_and_resumes_to_the_same_miou",  # 171 s
     "test_lifecycle.py::test_data_prepare_killed_with_sigkill_leaves_no_worker_and_resumes_to_the_same_files",  # 22 s
+    "test_lifecycle.py::test_torchrun_ranks_stop_when_the_agent_is_killed",  # 60 s: two ranks, then a resume
     "test_signals.py::test_segment_folder_stops_between_complete_sets_and_resumes",  # 70 s
     "test_signals.py::test_segment_video_stops_on_sigterm_without_a_partial_set",  # 31 s
     "test_signals.py::test_eval_stops_at_once_and_resumes",  # 63 s

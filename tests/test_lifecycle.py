@@ -226,3 +226,28 @@ def test_data_prepare_killed_with_sigkill_leaves_no_worker_and_resumes_to_the_sa
     files = json.loads((out / "s2clip-data.json").read_text())["files"]
     assert files == json.loads((tmp_path / "whole" / "s2clip-data.json").read_text())["files"]
     assert not [p for p in out.rglob(".*") if ".tmp-" in p.name]
+
+
+def test_torchrun_ranks_stop_when_the_agent_is_killed(tmp_path: Path) -> None:
+    """The agent killed with SIGKILL cannot stop its ranks: each stops on its own, as on SIGTERM, and
+    releases the work dir (rank 0 holds its lock)."""
+    from s2clip_cli.data.synthetic import write_synthetic_dataset
+
+    data = write_synthetic_dataset("voc21", tmp_path / "voc", n_images=16)
+    work = tmp_path / "run"
+    run = start(["--standalone", "--nproc-per-node", "2", "-m", "s2clip_cli", *_eval_args(data, work)],
+                python_code="import sys; from torch.distributed.run import main; sys.argv[0] = 'torchrun'; main()")
+    try:
+        run.wait_until(lambda: _records(work) >= 1, timeout=600)
+        ranks = children_of(run.proc.pid)
+        assert len(ranks) == 2
+        os.kill(run.proc.pid, signal.SIGKILL)
+        run.proc.wait(10)
+        assert wait_gone(ranks, 10.0) == [], "ranks outlived torchrun's agent"
+    finally:
+        run.kill()
+    time.sleep(0.5)
+    assert "error: interrupted; rank 0" in run.output
+    resumed = subprocess.run([sys.executable, "-m", "s2clip_cli", *_eval_args(data, work)], env=ENV,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]

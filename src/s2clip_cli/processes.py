@@ -15,6 +15,12 @@ s2clip's worker processes (eval's DataLoader decode workers, `data prepare`'s co
 
 A worker never holds a lock of its parent: `io.files.exclusive_lock` closes its descriptors in any
 forked child.
+
+Processes s2clip does not start itself — the ranks torchrun's agent starts — use `stop_when_orphaned`:
+when the agent dies (killed with SIGKILL, it cannot stop them), each rank stops as on SIGTERM (its
+clean-up runs, the work dir's lock is released) instead of computing on alone. Only a watchdog thread
+here: PR_SET_PDEATHSIG would fire when the agent's *thread* that started the rank ends, which s2clip
+does not control.
 """
 
 from __future__ import annotations
@@ -42,18 +48,17 @@ def _ask_kernel_to_kill_on_parent_death() -> bool:
         return False
 
 
-def _watch_parent(parent_pid: int) -> None:
-    while True:
-        if os.getppid() != parent_pid:
-            os.kill(os.getpid(), signal.SIGKILL)  # nothing of this worker is worth a clean-up
+def _watch_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
+    while os.getppid() == parent_pid:
         time.sleep(WATCH_S)
+    os.kill(os.getpid(), sig)
 
 
 def die_with_parent(parent_pid: int) -> None:
     """In a child process: end when the process `parent_pid` (its parent) ends, however it ends."""
     _ask_kernel_to_kill_on_parent_death()
     if os.getppid() != parent_pid:  # the parent died before the kernel was asked
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)  # nothing of a worker is worth a clean-up
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="s2clip-parent-watch", daemon=True).start()
 
 
@@ -64,3 +69,9 @@ def worker_init(parent_pid: int, *_: object) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     die_with_parent(parent_pid)
+
+
+def stop_when_orphaned(parent_pid: int) -> None:
+    """Send this process SIGTERM when its parent ``parent_pid`` has died (checked every `WATCH_S`)."""
+    threading.Thread(target=_watch_parent, args=(parent_pid, signal.SIGTERM), name="s2clip-parent-watch",
+                     daemon=True).start()

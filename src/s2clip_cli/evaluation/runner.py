@@ -2,7 +2,8 @@
 
 The runner knows nothing about models: ``predict_fn(image, image_id)`` gets an H x W x 3 uint8 RGB
 image and returns H x W class indices in the dataset's class index space. Images and labels are
-decoded in DataLoader worker processes while the model works. Each finished image's confusion
+decoded in DataLoader worker processes while the model works (`decode`: they die with the main
+process, even on SIGKILL, hold none of its lock, and stop at once on Ctrl-C/SIGTERM). Each finished image's confusion
 matrix is appended to ``<work_dir>/records/`` (fsync'd), so a rerun skips finished images and ends
 with the same numbers as an uninterrupted run. Under ``torchrun`` the remaining images are split
 over the ranks and the confusion matrices summed with ``torch.distributed``; only rank 0 writes
