@@ -129,6 +129,27 @@ def test_install_and_uninstall_put_back_what_was_there() -> None:
         interrupts.restore(before)
 
 
+_OWN_HANDLER = textwrap.dedent("""
+    import signal, sys, time
+    from s2clip_cli.cli import interrupts
+    interrupts.install()
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))  # as `serve` does
+    print("serving", flush=True)
+    while not stopping:
+        time.sleep(0.05)
+    time.sleep(REACT + 1.0)  # a graceful shutdown longer than the watcher's bound
+    print("shut down", flush=True)
+""")
+
+
+def test_a_signal_another_handler_took_is_not_cut_short() -> None:
+    run = start([], python_code=f"REACT = {REACT_S}\n" + _OWN_HANDLER)
+    run.wait_for_output("serving")
+    status, seconds = run.signal_group(signal.SIGTERM)
+    assert status == 0 and seconds > REACT_S + 1.0 and "shut down" in run.output, (status, seconds, run.output)
+
+
 # ------------------------------------------------------------------------------ decode workers
 def _slow_reader(path: Path) -> np.ndarray:
     if not path.name.startswith("2008_000000"):

@@ -22,8 +22,9 @@ written while a model computes); a clean-up still running `FORCE_EXIT_S` seconds
 is cut short too. Either way: one line on stderr and the same exit status.
 
 `serve` replaces the handlers for the life of its server: `uninstall` puts back what `install`
-replaced (Python's own), or `installed_handlers` / `restore` save and put back any set; a library
-user who never calls `install` keeps Python's own.
+replaced (Python's own), or `installed_handlers` / `restore` save and put back any set; the watcher
+bounds only the signals these handlers take. A library user who never calls `install` keeps
+Python's own.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def _watch(read_fd: int) -> None:
             return
         if not data:
             return
-        signum = next((b for b in data if b in _STOPPING), None)
+        # (a signal another handler took — `serve`'s — is not ours to bound)
+        signum = next((b for b in data if b in _STOPPING and signal.getsignal(b) is _on_signal), None)
     arrived = time.monotonic()
     if not _taken.wait(REACT_S):
         _force_exit(128 + signum, f"the command was busy in one computation for {REACT_S:g} s")
