@@ -242,7 +242,7 @@ def _images(folder: Path, n: int, size: tuple[int, int] = (64, 80)) -> Path:
 def test_segment_folder_stops_between_complete_sets_and_resumes(tmp_path: Path) -> None:
     images = _images(tmp_path / "in", 6)
     out = tmp_path / "out"
-    args = ["segment", str(images), "--classes", "cat,dog", "-o", str(out), *TINY]
+    args = ["segment", str(images), "--classes", "cat,dog", "-o", str(out), "--short-side", "224", *TINY]
     run = start(args)
     run.wait_for_output("→")  # one image written
     status, seconds = run.signal_group(signal.SIGINT)
@@ -271,7 +271,8 @@ def test_segment_video_stops_on_sigterm_without_a_partial_set(tmp_path: Path) ->
         writer.write(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8))
     writer.release()
     out = tmp_path / "out"
-    run = start(["segment", str(video), "--classes", "cat,dog", "-o", str(out), "--no-sam", *TINY])
+    run = start(["segment", str(video), "--classes", "cat,dog", "-o", str(out), "--no-sam", "--short-side", "224",
+                 *TINY])
     run.wait_until(lambda: any(p.is_dir() and any(p.iterdir()) for p in out.glob(".clip_frames.tmp-*")))
     status, seconds = run.signal_group(signal.SIGTERM)
     assert_clean_interruption(run, status, seconds, 143)
@@ -352,20 +353,25 @@ def test_bench_sam_stops(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("command", "sig", "code"), [
     (["entropy", "--images", "{images}"], signal.SIGTERM, 143),
     (["ap", "--dataset", "voc21", "--data-root", "{voc}"], signal.SIGINT, 130),
-    (["visualize", "{images}/im00.png", "{images}/im01.png", "{images}/im02.png"], signal.SIGINT, 130),
+    (["visualize", "{images}"], signal.SIGINT, 130),
 ])
 def test_analyses_stop_without_writing_anything(tmp_path: Path, command: list[str], sig: int, code: int) -> None:
     from s2clip_cli.data.synthetic import write_synthetic_dataset
 
-    images = _images(tmp_path / "in", 6, size=(128, 160))
-    voc = write_synthetic_dataset("voc21", tmp_path / "voc", n_images=6) if "ap" in command else None
+    images = _images(tmp_path / "in", 200)  # far more than can be done before the signal
+    voc = write_synthetic_dataset("voc21", tmp_path / "voc", n_images=200) if "ap" in command else None
     out = tmp_path / "out"
     args = [part.format(images=images, voc=voc) for part in command]
+    if "visualize" in command:
+        args = ["visualize", *(str(p) for p in sorted(images.iterdir()))]
     run = start([*args, "-o", str(out), *TINY])
-    _started_then(run, 2.0)
+    _started_then(run, 3.0)
     status, seconds = run.signal_group(sig)
     assert_clean_interruption(run, status, seconds, code)
+    assert "wrote" not in run.output  # (stopped while working)
     written = sorted(p.name for p in out.iterdir()) if out.exists() else []
-    # entropy and ap write their results at the end; visualize a complete figure per image done
-    assert all(name.endswith("_features.png") for name in written) and "visualize" in command or written == []
+    if "visualize" in command:  # a complete figure per image done, no record of the run
+        assert all(name.endswith("_features.png") for name in written), written
+    else:  # entropy and ap write their results at the end
+        assert written == []
     assert _hidden_temporaries(tmp_path) == []

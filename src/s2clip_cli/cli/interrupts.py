@@ -19,7 +19,9 @@ Python runs a handler only between two bytecodes of the main thread, so one long
 watcher thread therefore learns of the signal the moment it arrives (``signal.set_wakeup_fd``): if
 the main thread has not taken it `REACT_S` seconds later, the process ends there (nothing is being
 written while a model computes); a clean-up still running `FORCE_EXIT_S` seconds after the signal
-is cut short too. Either way: one line on stderr and the same exit status.
+is cut short too. Either way: one line on stderr and the same exit status. (torch's operations
+release the GIL, so the watcher runs beside them; a C call that keeps the GIL — loading an extension
+module — holds the watcher back as well, until it returns.)
 
 `serve` replaces the handlers for the life of its server: `uninstall` puts back what `install`
 replaced (Python's own), or `installed_handlers` / `restore` save and put back any set; the watcher
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import faulthandler
 import os
 import signal
 import sys
@@ -41,7 +44,7 @@ from typing import Any
 
 from ..errors import Terminated
 
-REACT_S = 1.5  # the main thread busy in C this long after the signal: the process ends there
+REACT_S = 1.0  # the main thread busy in C this long after the signal: the process ends there
 FORCE_EXIT_S = 5.0  # a clean-up still running this long after the signal is cut short
 _STOPPING = (signal.SIGINT, signal.SIGTERM)
 
@@ -87,6 +90,8 @@ def _watch(read_fd: int) -> None:
 def _force_exit(code: int, why: str) -> None:
     with contextlib.suppress(BaseException):
         os.write(2, f"error: interrupted ({why}; stopped)\n".encode())
+        if os.environ.get("S2CLIP_DEBUG"):  # where the main thread was held
+            faulthandler.dump_traceback(all_threads=True)
     os._exit(code)
 
 
