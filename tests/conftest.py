@@ -60,6 +60,7 @@ SLOW_TESTS: tuple[str, ...] = (
     "test_signals.py::test_eval_under_torchrun_stops_every_rank_at_once",  # 70 s: two ranks, then a resume
     "test_signals.py::test_analyses_stop_without_writing_anything",  # 3 x 20 s: entropy, ap, visualize
     "test_signals.py::test_data_prepare_stops_keeps_what_is_done_and_resumes",  # 30 s
+    "test_model_seeding.py::test_segment_no_sam_equals_a_segmenter_that_built_sam_and_does_not_refine",  # 36 s
     "test_serve_browser.py::test_page_segments_an_uploaded_photo",  # a server and Chromium (make test-browser)
     "test_serve_browser.py::test_page_shows_a_bad_request_as_an_error",
 )
