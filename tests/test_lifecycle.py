@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from signal_helpers import ENV, alive, children_of, start, wait_gone
+from signal_helpers import ENV, alive, children_of, group_pids, start, wait_gone
 
 from s2clip_cli.errors import S2ClipError
 from s2clip_cli.io.files import exclusive_lock
@@ -176,6 +176,7 @@ def test_eval_killed_with_sigkill_leaves_no_process_and_resumes_to_the_same_miou
         os.kill(run.proc.pid, signal.SIGKILL)  # what the OOM killer does
         run.proc.wait(10)
         assert wait_gone(workers, 10.0) == [], "decode workers outlived the killed eval"
+        assert wait_gone(group_pids(run.proc.pid), 10.0) == []  # nothing else of its process group either
     finally:
         run.kill()
     time.sleep(1.0)
@@ -214,6 +215,7 @@ def test_data_prepare_killed_with_sigkill_leaves_no_worker_and_resumes_to_the_sa
         os.kill(run.proc.pid, signal.SIGKILL)
         run.proc.wait(10)
         assert wait_gone(workers, 10.0) == [], "conversion workers outlived the killed data prepare"
+        assert wait_gone(group_pids(run.proc.pid), 10.0) == []  # the pool's resource tracker included
     finally:
         run.kill()
     time.sleep(1.0)
@@ -244,6 +246,7 @@ def test_torchrun_ranks_stop_when_the_agent_is_killed(tmp_path: Path) -> None:
         os.kill(run.proc.pid, signal.SIGKILL)
         run.proc.wait(10)
         assert wait_gone(ranks, 10.0) == [], "ranks outlived torchrun's agent"
+        assert wait_gone(group_pids(run.proc.pid), 10.0) == []
     finally:
         run.kill()
     time.sleep(0.5)

@@ -293,7 +293,7 @@ def _evaluate(dataset: SegDataset, predict_fn: PredictFn, work_dir: Path, config
     except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: no waiting for the other ranks (they got it
         # too, or see this rank's connections close at their next check)
         before = len(set(done) & set(ids))
-        exc.add_note((f"rank {ctx.rank} recorded {n_new} images in {work_dir} ({before} of {len(ids)} were there "
+        exc.add_note((f"rank {ctx.rank} recorded {n_new} image{'' if n_new == 1 else 's'} in {work_dir} ({before} of {len(ids)} were there "
                       "before)" if ctx.is_distributed else
                       f"{before + n_new} of {len(ids)} images are recorded in {work_dir}")
                      + "; rerun the same command to resume")
