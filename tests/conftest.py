@@ -49,6 +49,18 @@ SLOW_TESTS: tuple[str, ...] = (
     "test_sd_pipeline.py::test_bench_sam_prints_the_four_rows",  # 214 s: the same with the SD rows
     "test_methods_pipeline.py::test_eval_method_all_runs_every_method_and_writes_the_comparison",  # 85 s
     "test_eval_runner.py::test_two_process_gloo_equals_single_process",  # two processes
+    # interruptions and kills of real commands (times at a load of 10 on 2 cores): each starts the
+    # command, interrupts it, and reruns it to check the resume
+    "test_lifecycle.py::test_eval_killed_with_sigkill_leaves_no_process_and_resumes_to_the_same_miou",  # 171 s
+    "test_lifecycle.py::test_data_prepare_killed_with_sigkill_leaves_no_worker_and_resumes_to_the_same_files",  # 22 s
+    "test_lifecycle.py::test_torchrun_ranks_stop_when_the_agent_is_killed",  # 60 s: two ranks, then a resume
+    "test_signals.py::test_segment_folder_stops_between_complete_sets_and_resumes",  # 70 s
+    "test_signals.py::test_segment_video_stops_on_sigterm_without_a_partial_set",  # 31 s
+    "test_signals.py::test_eval_stops_at_once_and_resumes",  # 63 s
+    "test_signals.py::test_eval_under_torchrun_stops_every_rank_at_once",  # 70 s: two ranks, then a resume
+    "test_signals.py::test_analyses_stop_without_writing_anything",  # 3 x 20 s: entropy, ap, visualize
+    "test_signals.py::test_data_prepare_stops_keeps_what_is_done_and_resumes",  # 30 s
+    "test_model_seeding.py::test_segment_no_sam_equals_a_segmenter_that_built_sam_and_does_not_refine",  # 36 s
     "test_serve_browser.py::test_page_segments_an_uploaded_photo",  # a server and Chromium (make test-browser)
     "test_serve_browser.py::test_page_shows_a_bad_request_as_an_error",
     "test_serve_process.py::test_a_signal_stops_the_server_cleanly",  # 2 x 34 s: a real server per signal

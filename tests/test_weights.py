@@ -249,7 +249,9 @@ def test_sd_folder_identity_covers_its_files(weights_dir: Path, tmp_path: Path) 
 def test_random_modes_keep_their_identity_and_sd_is_a_fourth_model(weights_dir: Path) -> None:
     with pytest.warns(UserWarning, match="randomly initialised"):
         loaded = load_models("ViT-B/16", "dino_vits16", None, sd_name="sd21_base", mode="tiny")
-    assert loaded.identity == {name: "random-tiny-seed0" for name in ("ViT-B/16", "dino_vits16", "sd21_base")}
+    assert loaded.identity == {"ViT-B/16": "random-tiny:clip:ViT-B/16:seed0",
+                               "dino_vits16": "random-tiny:vfm:dino_vits16:seed0",
+                               "sd21_base": "random-tiny:sd:sd21_base:seed0"}
     assert loaded.sd is not None and loaded.sd.mode == "tiny" and loaded.sam is None
     with pytest.raises(S2ClipError, match="unknown SD model 'sd9'"):
         load_models(sd_name="sd9", mode="tiny")

@@ -11,7 +11,8 @@ from rich.markup import escape
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
-from ..errors import one_line
+from ..errors import interrupt_exit_code, interrupt_message, one_line
+from . import interrupts
 from .analyses import ap, entropy
 from .bench import bench_sam
 from .common import console, out, user_errors
@@ -42,9 +43,9 @@ class OneLineErrors(TyperGroup):
             if message:  # (empty after `s2clip` alone has printed the help)
                 console.print(f"[bold red]error:[/] {escape(message + hint)}", highlight=False, soft_wrap=True)
             code = getattr(exc, "exit_code", 2)
-        except typer.Abort:
-            console.print("[bold red]error:[/] interrupted", highlight=False)
-            code = 130
+        except typer.Abort as exc:  # Ctrl-C / SIGTERM outside a command's own handling (click's Abort)
+            console.print(f"[bold red]error:[/] {escape(interrupt_message(exc.__cause__))}", highlight=False)
+            code = interrupt_exit_code(exc.__cause__)
         sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -69,11 +70,15 @@ app.add_typer(data_app, name="data")
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: Ctrl-C and SIGTERM stop any command within seconds (`interrupts`)."""
+    interrupts.install()
     try:
         app()
     except BrokenPipeError:  # pragma: no cover - e.g. `s2clip models list | head`
         sys.stderr.close()
+    except SystemExit as exc:
+        interrupts.exit_now(exc.code if isinstance(exc.code, int) else 1)  # after an interruption
+        raise
 
 
 __all__ = ["app", "console", "main", "out", "user_errors"]

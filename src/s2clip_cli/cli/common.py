@@ -22,7 +22,7 @@ from typer.exceptions import TyperException
 
 from ..config import PRECISIONS
 from ..data.presets import PRESETS
-from ..errors import S2ClipError, one_line
+from ..errors import S2ClipError, interrupt_exit_code, interrupt_message, one_line
 from ..models.registry import CLIP_SPECS, SAM_SPECS, VFM_SPECS
 
 console = Console(stderr=True)
@@ -36,7 +36,9 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn library errors into one line on stderr and a non-zero exit (no traceback).
+    """Turn library errors into one line on stderr and a non-zero exit (no traceback); an
+    interruption into ``error: interrupted`` (with the notes the driver added on where it stopped)
+    and exit 130 (Ctrl-C) or 143 (SIGTERM).
 
     Set S2CLIP_DEBUG=1 to see the traceback of unexpected errors."""
 
@@ -46,8 +48,8 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except S2ClipError as exc:
             fail(one_line(exc))
-        except KeyboardInterrupt:
-            fail("interrupted", code=130)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (`errors.Terminated`): 130 / 143
+            fail(interrupt_message(exc), code=interrupt_exit_code(exc))
         except (typer.Exit, typer.Abort, TyperException):
             raise
         except Exception as exc:  # noqa: BLE001 - last resort, keep it to one line

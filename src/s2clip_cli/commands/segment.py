@@ -26,7 +26,7 @@ from rich.markup import escape
 from rich.progress import Progress
 
 from ..config import DEFAULT_BACKGROUND
-from ..errors import S2ClipError, one_line
+from ..errors import S2ClipError, noted_on_interrupt, one_line
 from ..io.files import write_json
 from ..io.images import read_image
 from ..io.outputs import (
@@ -513,7 +513,8 @@ def run_segment(sources: list[Source], classes: list[list[str]], background: lis
             seg = Segmenter.build(config, classes, background)
     images = [s for s in plan.sources if s in todo and s.kind == "image"]
     show_progress = len(plan.sources) > 1 or any(s.kind == "video" for s in todo)
-    with progress_bar(console, disable=not show_progress) as progress:
+    with noted_on_interrupt(lambda: f"{counts.summary()}; rerun the same command to continue (finished inputs are "
+                            "skipped)"), progress_bar(console, disable=not show_progress) as progress:
         run = None if seg is None else _Run(plan, seg, options, console, out, progress, record_config, exports)
         if run is not None:
             run.counts = counts

@@ -22,6 +22,8 @@ rank 0). Every point where a rank may wait for the others goes through them:
   and the data group's timeout can be short.
 * A rank that dies without raising (killed, segfault): gloo sees the closed connection at once and the
   waiting ranks raise "lost contact". A rank that hangs is caught by the control group's timeout.
+* torchrun's agent killed (SIGKILL: it cannot stop its ranks): each rank stops as on SIGTERM
+  (`processes.stop_when_orphaned`), so none computes on alone holding the work dir's lock.
 
 Every collective on the data group therefore waits at most for the skew of the last few images.
 """
@@ -37,6 +39,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ..errors import S2ClipError, one_line
+from ..processes import stop_when_orphaned
 
 T = TypeVar("T")
 DEFAULT_COLLECTIVE_TIMEOUT = timedelta(minutes=30)
@@ -125,6 +128,8 @@ class DistContext:
         import torch
         import torch.distributed as dist
 
+        if os.environ.get("TORCHELASTIC_RUN_ID"):  # started by torchrun's agent: stop if it dies
+            stop_when_orphaned(os.getppid())
         use_cuda = str(device).startswith("cuda") and torch.cuda.is_available()
         backend = "nccl" if use_cuda else "gloo"
         ctx = cls(rank, world, local_rank, backend)

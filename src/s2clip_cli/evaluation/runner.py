@@ -2,7 +2,8 @@
 
 The runner knows nothing about models: ``predict_fn(image, image_id)`` gets an H x W x 3 uint8 RGB
 image and returns H x W class indices in the dataset's class index space. Images and labels are
-decoded in DataLoader worker processes while the model works. Each finished image's confusion
+decoded in DataLoader worker processes while the model works (`decode`: they die with the main
+process, even on SIGKILL, hold none of its lock, and stop at once on Ctrl-C/SIGTERM). Each finished image's confusion
 matrix is appended to ``<work_dir>/records/`` (fsync'd), so a rerun skips finished images and ends
 with the same numbers as an uninterrupted run. Under ``torchrun`` the remaining images are split
 over the ranks and the confusion matrices summed with ``torch.distributed``; only rank 0 writes
@@ -25,7 +26,6 @@ import os
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -39,49 +39,14 @@ from ..data.datasets import MAX_EVAL_CLASSES, SegDataset, label_colours
 from ..errors import S2ClipError
 from ..io.files import atomic_write_bytes, exclusive_lock, prepare_output_dir
 from ..io.images import read_image
+from .decode import Reader, decode_loader, decoding
 from .distributed import DistContext, LostContact, PeerFailure, check_points
 from .metrics import confusion_matrix, summarize
 from .records import RecordLog, RunSignature, rank_log_path, read_all_records, sum_records
 
 PredictFn = Callable[[np.ndarray, str], np.ndarray]
-Reader = Callable[[Path], np.ndarray]
 LOCK_NAME = ".lock"
 CHECK_EVERY = 8  # images between failure checks across ranks (distributed runs only)
-
-
-@dataclass
-class _Item:
-    """One decoded sample, or the reason it could not be decoded (raised in the main process)."""
-
-    image_id: str
-    image: np.ndarray | None
-    label: np.ndarray | None
-    error: str | None = None
-
-
-class _DecodeSet(torch.utils.data.Dataset):
-    """The samples to evaluate, decoded (image + mapped label) inside DataLoader workers."""
-
-    def __init__(self, dataset: SegDataset, indices: list[int], reader: Reader) -> None:
-        self.dataset, self.indices, self.reader = dataset, indices, reader
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, k: int) -> _Item:
-        i = self.indices[k]
-        image_id = self.dataset.samples[i].id
-        try:
-            image = np.ascontiguousarray(self.reader(self.dataset.image_path(i)))
-            label = self.dataset.load_label(i)
-        except Exception as exc:  # noqa: BLE001 - reported, with the image id, by the main process
-            return _Item(image_id, None, None, str(exc) if isinstance(exc, S2ClipError)
-                         else f"{type(exc).__name__}: {exc}")
-        return _Item(image_id, image, label)
-
-
-def _identity(item: _Item) -> _Item:
-    return item
 
 
 def _pred_path(preds_dir: Path, image_id: str) -> Path:
@@ -280,25 +245,21 @@ def _evaluate(dataset: SegDataset, predict_fn: PredictFn, work_dir: Path, config
     # Every rank has opened its own file and read the same records before any rank appends.
     log, done = _agreed(ctx, lambda: _open_records(work_dir, ctx.rank, signature))
     watch = ctx.failure_watch("finished images are kept: rerun with the same --work-dir to resume")
+    predict_s, n_new = 0.0, 0
     try:
         todo = [i for i in ids if i not in done]
         longest_shard = math.ceil(len(todo) / ctx.world_size)
         mine = ctx.shard(todo)
         index = {sample_id: i for i, sample_id in enumerate(dataset.sample_ids)}
-        loader = torch.utils.data.DataLoader(
-            _DecodeSet(dataset, [index[i] for i in mine], reader), batch_size=None, shuffle=False,
-            num_workers=min(num_workers, len(mine)), collate_fn=_identity,
-            prefetch_factor=2 if min(num_workers, len(mine)) > 0 else None)
+        loader = decode_loader(dataset, [index[i] for i in mine], reader, num_workers)
 
         running = sum_records(done, k, ids) if ctx.is_main else np.zeros((k, k), np.int64)
-        predict_s, n_new = 0.0, 0
         title = f"eval {dataset.name}" + (f" (rank 0 of {ctx.world_size})" if ctx.is_distributed else "")
         with _progress(console, ctx.is_main, title) as progress:
             task = progress.add_task("eval", total=len(mine), rate="-", miou=_fmt(summarize(
                 running, dataset.labels)["mIoU"]))
             t_loop = time.perf_counter()
-            batches = iter(loader)
-            try:
+            with decoding(loader) as batches:
                 for item in batches:
                     if item.error is not None or item.image is None or item.label is None:
                         raise S2ClipError(f"{dataset.name} {item.image_id}: {item.error}")
@@ -324,13 +285,19 @@ def _evaluate(dataset: SegDataset, predict_fn: PredictFn, work_dir: Path, config
                         elapsed = time.perf_counter() - t_loop
                         progress.update(task, advance=1, rate=f"{n_new / elapsed:.2f}" if elapsed > 0 else "-",
                                         miou=_fmt(summarize(running, dataset.labels)["mIoU"]))
-            finally:
-                del batches  # shuts the decode workers down now, even while an exception propagates
         # The checks a longer shard posts, then one that every rank waits for: past it, every rank
         # is alive and done, so the final collectives below wait for nobody.
         watch.finish(check_points(longest_shard, check_every))
     except (PeerFailure, LostContact):
         raise  # nothing to tell the others: they know, or they are gone
+    except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: no waiting for the other ranks (they got it
+        # too, or see this rank's connections close at their next check)
+        before = len(set(done) & set(ids))
+        exc.add_note((f"rank {ctx.rank} recorded {n_new} image{'' if n_new == 1 else 's'} in {work_dir} ({before} of {len(ids)} were there "
+                      "before)" if ctx.is_distributed else
+                      f"{before + n_new} of {len(ids)} images are recorded in {work_dir}")
+                     + "; rerun the same command to resume")
+        raise
     except BaseException:
         watch.abort()  # the other ranks stop at their next check
         raise

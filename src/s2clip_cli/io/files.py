@@ -112,13 +112,35 @@ def prepare_output_dir(path: str | Path) -> Path:
 
 
 
+# Descriptors of the locks this process holds (fd -> owner pid). A forked child closes its copies at
+# once (`_close_locks_in_child`): flock belongs to the open file, shared by every copy of the
+# descriptor, so a child that kept one (a decode worker forked after the lock was taken) would hold
+# the lock after its parent died — and refuse the resume. O_CLOEXEC covers exec, not fork.
+_HELD_LOCKS: dict[int, int] = {}
+
+
+def _close_locks_in_child() -> None:
+    for fd in list(_HELD_LOCKS):
+        try:
+            os.close(fd)  # this copy only: the parent keeps its lock
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_locks_in_child)
+
+
 @contextmanager
 def exclusive_lock(path: Path, busy: Callable[[str], str], *, remove: bool = False) -> Iterator[None]:
     """Hold an exclusive, non-blocking ``flock`` on ``path`` (created with its folder) for the body;
     `S2ClipError` ``busy(holder_pid)`` at once when a live process holds it. The file keeps the
     holder's pid for that message; the lock, not the file, is what counts, so a file left by a killed
-    run never blocks. ``remove``: the file is deleted when the body ends (a process that opened it
-    just before is not fooled: it finds the name gone and retries on the new file)."""
+    run never blocks. The lock is this process's alone: a child forked while it is held does not
+    inherit it (its copy of the descriptor is closed), so it ends with the holder. ``remove``: the
+    file is deleted when the body ends (a process that opened it just before is not fooled: it finds
+    the name gone and retries on the new file)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX: no lock
@@ -127,7 +149,7 @@ def exclusive_lock(path: Path, busy: Callable[[str], str], *, remove: bool = Fal
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         try:  # never through a link or into a FIFO/device planted under the lock's name
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             reason = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or exc
             raise S2ClipError(f"cannot open the lock file {path}: {reason}") from None
@@ -139,18 +161,62 @@ def exclusive_lock(path: Path, busy: Callable[[str], str], *, remove: bool = Fal
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
-            raise S2ClipError(busy(holder)) from None
+            raise S2ClipError(busy(holder) + _stale_holder_note(path, holder)) from None
         if not remove or _names_file(path, fd):
             break
         os.close(fd)  # the previous holder removed the file after we opened it: lock the new one
+    owner = os.getpid()
+    _HELD_LOCKS[fd] = owner
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        os.pwrite(fd, f"{owner}\n".encode("ascii"), 0)
         yield
     finally:
-        if remove:
-            path.unlink(missing_ok=True)
-        os.close(fd)  # releases the lock
+        if _HELD_LOCKS.pop(fd, None) == owner == os.getpid():  # (a forked child has closed its copy)
+            if remove:
+                path.unlink(missing_ok=True)
+            os.close(fd)  # releases the lock
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, another user's
+        return True
+    return True
+
+
+def _stale_holder_note(path: Path, holder: str) -> str:
+    """When the pid recorded in the lock file is gone yet the lock is held: who holds it (processes
+    the dead holder left behind, found through /proc on Linux), so the user can stop them."""
+    if not holder.isdigit() or _pid_alive(int(holder)):
+        return ""
+    holders = _processes_holding(path)
+    who = f"process{'es' if len(holders) > 1 else ''} {', '.join(map(str, holders))}" if holders else \
+        "another process"
+    return (f" — pid {holder} has exited, but {who} it left behind still hold{'s' if len(holders) <= 1 else ''} "
+            "the lock; stop them (they are left over from the killed run) and rerun")
+
+
+def _processes_holding(path: Path) -> list[int]:
+    """Pids with ``path`` open (Linux /proc; empty where unknown)."""
+    try:
+        target = os.stat(path)
+    except OSError:
+        return []
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            for fd in (entry / "fd").iterdir():
+                st = os.stat(fd)
+                if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+                    pids.append(int(entry.name))
+                    break
+        except OSError:
+            continue
+    return sorted(p for p in pids if p != os.getpid())
 
 
 def _names_file(path: Path, fd: int) -> bool:

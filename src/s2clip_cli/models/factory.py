@@ -8,12 +8,20 @@ builders; `--models random` builds the full-size architectures with random weigh
 of the latter print a warning on every run: their outputs are meaningless.
 
 ``LoadedModels.identity`` names each model's weights for resume signatures and the text cache:
-``sha256:<16 hex>`` of the checkpoint's content for real weights, ``random-<mode>-seed0`` otherwise.
+``sha256:<16 hex>`` of the checkpoint's content for real weights; for random ones
+``random-<mode>:<family>:<name>:seed0`` — each random model is built under its own seed
+(`model_seed`: the base seed, its family and its name), so its weights do not depend on which other
+models the run builds, and one identity means one set of weights. (Before, one seed was set and the
+models built in turn, so e.g. the VFM's weights changed with whether SAM was built, under one
+identity ``random-<mode>-seed0``: work dirs recorded with that identity are not resumed.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +43,35 @@ RANDOM_WARNING = (
 SEED = 0  # random models are seeded so that runs (and the text cache) are reproducible
 
 
+def model_seed(family: str, name: str, base: int = SEED) -> int:
+    """The seed one random model is built under: from ``base``, its family and its name only."""
+    return int.from_bytes(hashlib.sha256(f"{base}:{family}:{name}".encode()).digest()[:8], "big") % (2**63)
+
+
+def _random_source(spec: registry.ModelSpec) -> tuple[str, str]:
+    """(family, name) whose random weights `spec` gets: `sam_vitb16` is SAM ViT-B's image encoder, so
+    it is built as (and equals) the random SAM ViT-B's, with SAM or without."""
+    return ("sam", "vit_b") if spec.family == "vfm" and spec.name == "sam_vitb16" else (spec.family, spec.name)
+
+
+def random_identity(mode: str, spec: registry.ModelSpec) -> str:
+    """The identity of `spec`'s random weights under `mode` (``random-tiny:vfm:dino_vitb8:seed0``)."""
+    family, name = _random_source(spec)
+    return f"random-{mode}:{family}:{name}:seed{SEED}"
+
+
+@contextmanager
+def _seeded(mode: str, spec: registry.ModelSpec) -> Iterator[None]:
+    """Build `spec`'s random weights under its own seed (`model_seed`), leaving torch's global random
+    state as it was; real weights: nothing to seed."""
+    if mode == "real":
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(model_seed(*_random_source(spec)))
+        yield
+
+
 @dataclass
 class ModelPaths:
     """Explicit checkpoint paths (highest priority in the resolution order)."""
@@ -51,7 +88,7 @@ class LoadedModels:
     """The built models (eval mode, no gradients, on the run's device) and what their weights are.
 
     sd: `models.sd.SDModels` when an SD model was asked for, else None. identity: model name →
-    ``sha256:<16 hex>`` (real weights) or ``random-<mode>-seed0``."""
+    ``sha256:<16 hex>`` (real weights) or ``random-<mode>:<family>:<name>:seed0`` (`random_identity`)."""
 
     clip: ClipBackbone
     vfm: nn.Module | None
@@ -83,15 +120,15 @@ def load_single(family: str, name: str, *, mode: str = "real", path: str | Path 
         raise S2ClipError(f"unknown --models {mode!r}: choose one of {', '.join(MODES)}")
     spec = registry.clip_spec(name) if family == "clip" else registry.vfm_spec(name)
     ckpt = weights.resolve(spec, path, offline=offline) if mode == "real" else None
-    if mode != "real":
-        torch.manual_seed(SEED)
     if family == "clip":
-        model: nn.Module = ClipBackbone(build_clip(spec, weights=ckpt, tiny=mode == "tiny"), spec.name,
-                                        tokenizer_name=spec.arch.replace("-quickgelu", ""))
+        with _seeded(mode, spec):
+            clip_model = build_clip(spec, weights=ckpt, tiny=mode == "tiny")
+        model: nn.Module = ClipBackbone(clip_model, spec.name, tokenizer_name=spec.arch.replace("-quickgelu", ""))
     else:
         from .vfm import build_vfm
 
-        model = build_vfm(spec, weights=ckpt, tiny=mode == "tiny")
+        with _seeded(mode, spec):
+            model = build_vfm(spec, weights=ckpt, tiny=mode == "tiny")
     return model.to(torch.device(device)).eval().requires_grad_(False)
 
 
@@ -180,27 +217,29 @@ def load_models(
             identity[spec.name] = weights.content_identity(path)
     else:
         for spec, _ in requests:
-            identity[spec.name] = f"random-{mode}-seed{SEED}"
+            identity[spec.name] = random_identity(mode, spec)
         warnings.warn(random_warning(mode), stacklevel=2)
-        torch.manual_seed(SEED)
     if vfm_from_sam and vfm_spec is not None and sam_spec is not None:
         identity[vfm_spec.name] = identity[sam_spec.name]  # sam_vitb16 served by the SAM ViT-B file
 
     from .vfm import SamEncoderVFM, build_vfm
 
-    clip_model = build_clip(clip_spec, weights=checkpoints.get(clip_spec.name), tiny=tiny)
+    with _seeded(mode, clip_spec):  # (random weights: each model under its own seed)
+        clip_model = build_clip(clip_spec, weights=checkpoints.get(clip_spec.name), tiny=tiny)
     tokenizer_name = clip_spec.arch.replace("-quickgelu", "")
     clip = ClipBackbone(clip_model, clip_spec.name, tokenizer_name=tokenizer_name)
     sam = None
     if sam_spec is not None:
         from .sam import build_sam
 
-        sam = build_sam(sam_spec.arch, tiny=tiny, checkpoint=checkpoints.get(sam_spec.name))
+        with _seeded(mode, sam_spec):
+            sam = build_sam(sam_spec.arch, tiny=tiny, checkpoint=checkpoints.get(sam_spec.name))
     vfm: nn.Module | None = None
     if vfm_from_sam and sam is not None:
         vfm = SamEncoderVFM(sam.image_encoder)  # one SAM ViT-B serves both roles
     elif vfm_spec is not None:
-        vfm = build_vfm(vfm_spec, weights=checkpoints.get(vfm_spec.name), tiny=tiny)
+        with _seeded(mode, vfm_spec):
+            vfm = build_vfm(vfm_spec, weights=checkpoints.get(vfm_spec.name), tiny=tiny)
     device = torch.device(device)
     for module in (clip, vfm, sam):
         if module is not None:

@@ -10,6 +10,7 @@ where it stopped and a finished one is only verified. Every output is written at
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing
 import os
@@ -27,8 +28,9 @@ import numpy as np
 import PIL
 
 from ... import __version__
-from ...errors import S2ClipError, one_line
+from ...errors import S2ClipError, noted_on_interrupt, one_line
 from ...io.files import atomic_path, atomic_write_bytes, exclusive_lock, prepare_output_dir
+from ...processes import worker_init
 from ..presets import get_preset
 from ..sources import default_data_root, source_for
 from . import ade20k, cityscapes, coco, context, voc
@@ -54,6 +56,7 @@ PLANNERS: dict[str, Callable[[RawIndex], Plan]] = {
 LOCK_NAME = ".s2clip-data.lock"
 SPILL_DIR = ".s2clip-data-spill"
 CHECKPOINT_SECONDS = 2.0
+STOP_GRACE_S = 0.5  # after Ctrl-C, how long the conversions under way may take to finish
 
 
 @dataclass
@@ -135,15 +138,19 @@ def _execute(jobs: list[Job], root: Path, workers: int, on_done: Callable[[list[
         finally:
             close_archives()
         return
-    ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: inherits no lock, no thread
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_init,
+                               initargs=(os.getpid(),))  # they die with this process, leave Ctrl-C to it
     running: set[Future] = set()
+    job_of: dict[Future, Job] = {}
     error: BaseException | None = None
     queue = iter(jobs)
     try:
         while error is None:
             while len(running) < 4 * workers and (job := next(queue, None)) is not None:
-                running.add(pool.submit(run_job, job, str(root)))
+                fut = pool.submit(run_job, job, str(root))
+                running.add(fut)
+                job_of[fut] = job
             if not running:
                 break
             finished, running = wait(running, return_when=FIRST_COMPLETED)
@@ -155,17 +162,36 @@ def _execute(jobs: list[Job], root: Path, workers: int, on_done: Callable[[list[
                                                  "killed?); rerun to resume, perhaps with fewer --workers")
                 except BaseException as exc:  # noqa: BLE001 - first error wins, others still recorded
                     error = error or exc
-    except BaseException as exc:  # KeyboardInterrupt while waiting
+    except BaseException as exc:  # KeyboardInterrupt (or SIGTERM) while waiting
         error = exc
     finally:
         for fut in running:
             fut.cancel()
+        if isinstance(error, KeyboardInterrupt):  # the running jobs get a moment to finish, then stop
+            _stop_pool(pool, {fut: job_of[fut] for fut in running}, root)
         pool.shutdown(wait=True, cancel_futures=True)
         for fut in running:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 on_done(fut.result())
     if error is not None:
         raise error
+
+
+def _stop_pool(pool: ProcessPoolExecutor, running: dict[Future, Job], root: Path) -> None:
+    """After an interruption: wait up to `STOP_GRACE_S` for the jobs under way (what finishes is
+    kept), then kill the workers and remove the temporary files the killed jobs were writing."""
+    wait(running, timeout=STOP_GRACE_S)
+    unfinished = [job for fut, job in running.items() if not fut.done()]
+    if not unfinished:
+        return
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    for process in workers:
+        with contextlib.suppress(Exception):
+            process.kill()
+    for process in workers:
+        with contextlib.suppress(Exception):
+            process.join(1.0)
+    remove_stale_temporaries({output_path(root, rel).parent for job in unfinished for rel in job.outputs})
 
 
 def _locked(root: Path) -> AbstractContextManager[None]:
@@ -274,7 +300,9 @@ def _run(plan: Plan, pending: list[Job], root: Path, workers: int, records: dict
 
     report(skipped, total, "converting")
     try:
-        _execute(pending, root, workers, on_done)
+        with noted_on_interrupt(lambda: f"{state['done']} of {total} samples are done in {root}; rerun the same "
+                                "command to continue"):
+            _execute(pending, root, workers, on_done)
     finally:
         if state["dirty"]:
             write_progress(root, plan.preparation, records)
