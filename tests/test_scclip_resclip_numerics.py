@@ -441,11 +441,13 @@ def test_resclip_features_equal_resclip_forward(clip: ClipBackbone, size: tuple[
     images = torch.randn(2, 3, *size, generator=gen)
     params = ResclipParams(temp_thd=0.2, attn_rcs_weights=(2.0, 0.3), attn_sfr_weights=(2.2, 0.7), sfr_half=sfr_half)
     with torch.no_grad():
-        # Name embeddings pointing at a few patches' own features, so that the first pass labels the
-        # patches differently (random names label every patch of a tiny random CLIP alike).
+        # Name embeddings pointing at a few patches' own features, taken from both images, so that the
+        # first pass labels each image's patches differently (random names label every patch of a tiny
+        # random CLIP alike).
         tokens = resclip_features(clip, images, F.normalize(torch.randn(6, clip.embed_dim, generator=gen), dim=-1),
                                   logit_scale=40.0, params=params)
-        text = F.normalize(tokens[0, [0, 9, 20, 29]] - tokens[0].mean(0), dim=-1)
+        picked = torch.stack([tokens[0, 0], tokens[1, 9], tokens[0, 20], tokens[1, 29]])
+        text = F.normalize(picked - tokens.mean((0, 1)), dim=-1)
         early = early_pass(clip, images, [2, 3])
         labels = first_pass_labels(clip, early, images, text, logit_scale=40.0, sigma=5.0, params=params)
         assert all(len(torch.unique(window)) > 1 for window in labels)
