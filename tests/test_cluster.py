@@ -16,8 +16,8 @@ from eval_helpers import CONFIG, colour_predict
 
 from s2clip_cli.data.datasets import open_dataset
 from s2clip_cli.data.synthetic import write_synthetic_dataset
+from s2clip_cli.distributed import collective_timeout
 from s2clip_cli.errors import S2ClipError
-from s2clip_cli.evaluation.distributed import collective_timeout
 from s2clip_cli.evaluation.records import records_dir
 from s2clip_cli.evaluation.runner import LOCK_NAME, evaluate
 

@@ -1,8 +1,10 @@
-"""Multi-process evaluation under ``torchrun`` (or ``srun``/``mpirun`` exporting the same variables).
+"""Multi-process runs under ``torchrun`` (or ``srun``/``mpirun`` exporting the same variables):
+`eval` shards a dataset, `segment` its inputs; both through this module.
 
 ``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``.
 Without ``WORLD_SIZE`` (or with ``WORLD_SIZE=1``) everything is a single-process no-op.
-The data backend is NCCL when the evaluation device is CUDA (and CUDA is available), gloo otherwise.
+The data backend is NCCL when the evaluation device is CUDA (and CUDA is available), gloo otherwise
+(`segment`, which sums nothing large, asks for gloo whatever its device).
 
 How a failing rank stops every rank, with or without torchrun's agent
 --------------------------------------------------------------------
@@ -11,32 +13,42 @@ there): one with the collective timeout (default 30 min, ``S2CLIP_COLLECTIVE_TIM
 failure flags, one with a 24 h timeout for waits that may legitimately be long (a weights download on
 rank 0). Every point where a rank may wait for the others goes through them:
 
-* ``failed_ranks(ok)``: a blocking all-reduce of one flag per rank; every rank learns which ranks
-  failed the step just done, and raises (the failing rank its own error, the others
-  `PeerFailure`).
-* `FailureWatch`: inside the evaluation loop, every ``check_every`` images each rank posts its flag
+* ``failed_ranks(ok)`` (and `agreed`, a step every rank runs, then agrees on): a blocking all-reduce
+  of one flag per rank; every rank learns which ranks failed the step just done, and raises (the
+  failing rank its own error, the others `PeerFailure`).
+* `FailureWatch` (`eval`): inside the loop, every ``check_every`` images each rank posts its flag
   with an *asynchronous* all-reduce and only waits for it at the next check, so ranks are never held
   in lock step; a rank that raises posts "failed" at its next check and every other rank stops within
   two check intervals. The loop ends with a blocking check, so the final sums (on the data group,
   NCCL on GPU) start only when every rank is known to be alive and done: no collective waits long,
   and the data group's timeout can be short.
-* A rank that dies without raising (killed, segfault): gloo sees the closed connection at once and the
-  waiting ranks raise "lost contact". A rank that hangs is caught by the control group's timeout.
+* `ClockWatch` (`segment`, whose inputs differ in cost: a video, a 50-megapixel photo, a thumbnail):
+  the same flags, plus each rank's progress, exchanged by a background thread every half second
+  rather than every so many items, so no rank ever waits for another while it has work; a rank
+  that fails, or whose loop stops advancing for the collective timeout, stops every rank within a
+  second or two; rank 0 shows every rank's progress.
+* A rank that dies without raising (killed, segfault, the OOM killer): gloo sees the closed
+  connection at once and the waiting ranks raise `LostContact`, naming the rank when it ran on the
+  same machine. A rank that hangs is caught by the control group's timeout.
 
 Every collective on the data group therefore waits at most for the skew of the last few images.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
-from collections.abc import Sequence
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 
 import numpy as np
 
-from ..errors import S2ClipError, one_line
+from .errors import S2ClipError, one_line
 
 T = TypeVar("T")
 DEFAULT_COLLECTIVE_TIMEOUT = timedelta(minutes=30)
@@ -79,10 +91,39 @@ class PeerFailure(S2ClipError):
 
 
 class LostContact(S2ClipError):
-    """A collective failed because a peer is gone (gloo saw its connection close) or timed out."""
+    """A collective failed because a peer is gone (gloo saw its connection close) or timed out;
+    ``ranks``: the peers known to have ended (those on this machine), else empty."""
+
+    def __init__(self, message: str, ranks: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.ranks = list(ranks)
 
 
-def _lost_contact(exc: BaseException) -> LostContact:
+def process_ended(pid: int) -> bool:
+    """Whether the process ``pid`` of this machine has ended: gone, or a zombie its parent (torchrun's
+    agent) has not reaped yet."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process: alive
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            state = fh.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in (b"Z", b"X")
+
+
+def _lost_contact(exc: BaseException, ctx: DistContext | None = None) -> LostContact:
+    """The error of a collective that failed: it names the peers whose process ended when they ran on
+    this machine (a killed, crashed or OOM-killed rank), else says what gloo said."""
+    ended = ctx.ended_ranks() if ctx is not None else []
+    if ended:
+        who = ", ".join(f"rank {rank} (pid {ctx.peers[rank][1]})" for rank in ended)  # type: ignore[union-attr]
+        return LostContact(f"lost contact with {who}: its process ended (killed, crashed or out of memory); "
+                           "see its output", ended)
     return LostContact(one_line(f"lost contact with another rank ({type(exc).__name__}: {str(exc)[:200]}); "
                                 "it probably crashed — see its output"))
 
@@ -112,10 +153,13 @@ class DistContext:
         self._owns_group = False
         self._control: Any = None  # gloo group, collective timeout: failure flags
         self._long: Any = None  # gloo group, 24 h timeout: waits for a download
+        self.peers: list[tuple[str, int]] = []  # (host name, pid) of every rank, once the groups exist
 
     @classmethod
-    def from_env(cls, device: str = "cpu") -> DistContext:
-        """Read torchrun's variables and join the process group (no-op when not distributed)."""
+    def from_env(cls, device: str = "cpu", *, backend: str | None = None) -> DistContext:
+        """Read torchrun's variables and join the process group (no-op when not distributed). The data
+        backend is NCCL for a CUDA ``device``, gloo otherwise, unless ``backend`` names one; with a CUDA
+        ``device`` this process's device is ``cuda:LOCAL_RANK`` either way."""
         world = _env_int("WORLD_SIZE", 1)
         rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
         if world <= 1:
@@ -126,14 +170,17 @@ class DistContext:
         import torch.distributed as dist
 
         use_cuda = str(device).startswith("cuda") and torch.cuda.is_available()
-        backend = "nccl" if use_cuda else "gloo"
+        backend = backend or ("nccl" if use_cuda else "gloo")
         ctx = cls(rank, world, local_rank, backend)
         if dist.is_initialized():  # the caller set it up; use it, leave it to them
             ctx.backend = dist.get_backend()
         else:
             if use_cuda:
+                if local_rank >= torch.cuda.device_count():
+                    raise S2ClipError(f"LOCAL_RANK={local_rank} but this machine shows {torch.cuda.device_count()} "
+                                      "CUDA devices: start at most one process per GPU (--nproc-per-node)")
                 torch.cuda.set_device(local_rank)
-            device_id = torch.device("cuda", local_rank) if use_cuda else None
+            device_id = torch.device("cuda", local_rank) if backend == "nccl" else None
             dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=collective_timeout(),
                                     **init_kwargs(device_id))
             ctx._owns_group = True
@@ -141,11 +188,27 @@ class DistContext:
         return ctx
 
     def _make_control_groups(self) -> None:
-        """Both gloo control groups (a collective: every rank calls it at the same point)."""
+        """Both gloo control groups and the table of peers (a collective: every rank calls it at the
+        same point)."""
         import torch.distributed as dist
 
         self._control = dist.new_group(backend="gloo", timeout=collective_timeout())
         self._long = dist.new_group(backend="gloo", timeout=LONG_WAIT_TIMEOUT)
+        peers: list[Any] = [None] * self.world_size
+        dist.all_gather_object(peers, (socket.gethostname(), os.getpid()), group=self._control)
+        self.peers = [(str(host), int(pid)) for host, pid in peers]
+
+    def ended_ranks(self, wait_s: float = 1.0) -> list[int]:
+        """The other ranks on this machine whose process has ended (a dying one is given up to
+        ``wait_s`` seconds to end: gloo may see its connection close first)."""
+        host = socket.gethostname()
+        local = [r for r, (peer_host, _) in enumerate(self.peers) if peer_host == host and r != self.rank]
+        deadline = time.monotonic() + wait_s
+        while True:
+            ended = [r for r in local if process_ended(self.peers[r][1])]
+            if ended or time.monotonic() >= deadline:
+                return ended
+            time.sleep(0.05)
 
     def _group(self, long_wait: bool) -> Any:
         if self._control is None:  # a context built by hand on an existing process group
@@ -184,12 +247,47 @@ class DistContext:
         try:
             dist.all_reduce(flags, group=self._group(long_wait))
         except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError/DistError on a dead peer
-            raise _lost_contact(exc) from None
+            raise _lost_contact(exc, self) from None
         return [int(r) for r in torch.nonzero(flags).flatten().tolist()]
 
     def failure_watch(self, hint: str = "") -> FailureWatch:
         """A `FailureWatch` on this context; ``hint`` ends its `PeerFailure` messages."""
         return FailureWatch(self, hint)
+
+    def clock_watch(self, hint: str = "", interval_s: float = 0.5) -> ClockWatch:
+        """A `ClockWatch` on this context (started by its caller); ``hint`` ends its `PeerFailure` messages."""
+        return ClockWatch(self, hint, interval_s=interval_s)
+
+    def gather_to_main(self, items: Sequence[Any], consume: Callable[[list[Any]], None], *, chunk: int = 256) -> None:
+        """Collective: rank 0 calls ``consume`` on every rank's ``items``, in chunks of at most ``chunk``
+        (each a list; ``items`` must pickle). The chunks travel as objects on the gloo control group
+        (`torch.distributed.gather_object`), a round at a time, so at most ``world_size`` chunks are in
+        flight, whatever the number of items. Other ranks get nothing back. Single-process: ``consume``
+        on this process's chunks."""
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        if not self.is_distributed:
+            for start in range(0, len(items), chunk):
+                consume(list(items[start : start + chunk]))
+            return
+        import torch
+        import torch.distributed as dist
+
+        group = self._group(False)
+        rounds = torch.tensor([-(-len(items) // chunk)], dtype=torch.int64)
+        try:
+            dist.all_reduce(rounds, op=dist.ReduceOp.MAX, group=group)
+            for k in range(int(rounds.item())):
+                mine = list(items[k * chunk : (k + 1) * chunk])
+                received: list[Any] | None = [None] * self.world_size if self.is_main else None
+                dist.gather_object(mine, received, dst=0, group=group)
+                for part in received or []:
+                    if part:
+                        consume(part)
+        except Exception as exc:  # noqa: BLE001 - a peer died while the chunks travelled
+            if isinstance(exc, S2ClipError):
+                raise
+            raise _lost_contact(exc, self) from None
 
     # -- data collectives (NCCL on GPU) ------------------------------------------------------------
     def all_reduce_sum(self, array: np.ndarray) -> np.ndarray:
@@ -265,7 +363,7 @@ class FailureWatch:
         try:
             self._pending = dist.all_reduce(flags, group=self.ctx._group(False), async_op=True)
         except Exception as exc:  # noqa: BLE001
-            raise _lost_contact(exc) from None
+            raise _lost_contact(exc, self.ctx) from None
         self._flags = flags
         self.posts += 1
 
@@ -278,7 +376,7 @@ class FailureWatch:
         try:
             work.wait()
         except Exception as exc:  # noqa: BLE001 - a peer died (gloo sees the closed connection)
-            raise _lost_contact(exc) from None
+            raise _lost_contact(exc, self.ctx) from None
         return [int(r) for r in flags.nonzero().flatten().tolist()]
 
     def post(self) -> None:
@@ -319,3 +417,144 @@ class FailureWatch:
 def check_points(shard_length: int, every: int) -> int:
     """How many in-loop checks a shard of ``shard_length`` items posts (one per ``every`` items)."""
     return shard_length // every if every > 0 else 0
+
+
+def agreed(ctx: DistContext, step: Callable[[], T], *, long_wait: bool = False) -> T:
+    """Run ``step`` on every rank, then agree: if any rank failed, every rank raises (the failing
+    ranks their own error, the others `PeerFailure`). Returns ``step``'s result. ``long_wait``: the
+    peers may take up to 24 h to get there (a download, models built on a busy node)."""
+    try:
+        result = step()
+    except BaseException:
+        with contextlib.suppress(LostContact):
+            ctx.failed_ranks(False, long_wait=long_wait)  # the others raise PeerFailure; this rank its own error
+        raise
+    failed = ctx.failed_ranks(True, long_wait=long_wait)
+    if failed:
+        raise PeerFailure(failed)
+    return result
+
+
+class ClockWatch:
+    """Failure flags and progress exchanged on a clock by a background thread, for loops whose items
+    differ in cost (`segment`: images of any size, videos) and so must not wait for each other.
+
+    Every ``interval_s`` the thread all-reduces, on the gloo control group, each rank's three numbers:
+    failed, finished, progress (a count its loop posts). It stops — on every rank after the same
+    exchange, so the collectives match — once an exchange shows a failed rank or every rank
+    finished; or when a peer is gone (`LostContact`). The loop's thread never waits on a peer:
+    :meth:`post` records its progress and raises `PeerFailure`/`LostContact` when the watcher has
+    seen one; :meth:`finish` after the loop waits (interruptibly) until every rank has finished;
+    :meth:`abort` when the loop fails posts "failed" and waits briefly until the others have seen it.
+    A rank whose loop posts nothing for the collective timeout (``S2CLIP_COLLECTIVE_TIMEOUT``, 30 min)
+    is reported failed, so a hung rank stops the others as a dead one does. Only the watcher uses the
+    control group between :meth:`start` and the end of :meth:`finish`/:meth:`abort`.
+    Single-process: every method is a no-op and :attr:`progress` is this process's own.
+    """
+
+    def __init__(self, ctx: DistContext, hint: str = "", *, interval_s: float = 0.5,
+                 stall_timeout: timedelta | None = None) -> None:
+        self.ctx = ctx
+        self.hint = hint
+        self.interval_s = interval_s
+        self.stall_s = (stall_timeout or collective_timeout()).total_seconds()
+        self.exchanges = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._mine = [0, 0, 0]  # failed, finished, progress of this rank
+        self._progress = [0] * ctx.world_size  # every rank's progress at the last exchange
+        self._last_post = time.monotonic()
+        self._failed: list[int] = []
+        self._error: LostContact | None = None
+        self._stalled = False
+
+    @property
+    def progress(self) -> int:
+        """Every rank's progress summed, as of the last exchange (this process's own when single)."""
+        with self._lock:
+            return self._mine[2] if not self.ctx.is_distributed else sum(self._progress)
+
+    def start(self) -> ClockWatch:
+        """Start the watcher (every rank, after the same collectives)."""
+        if self.ctx.is_distributed and self._thread is None:
+            group = self.ctx._group(False)  # created here, in the loop's thread, if it is not yet
+            self._last_post = time.monotonic()
+            self._thread = threading.Thread(target=self._watch, args=(group,), name="s2clip-clock-watch", daemon=True)
+            self._thread.start()
+        return self
+
+    def _watch(self, group: Any) -> None:
+        import torch
+        import torch.distributed as dist
+
+        rank, world = self.ctx.rank, self.ctx.world_size
+        while True:
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            with self._lock:
+                if not any(self._mine[:2]) and time.monotonic() - self._last_post > self.stall_s:
+                    self._mine[0], self._stalled = 1, True
+                flags = torch.zeros(3, world, dtype=torch.int64)
+                flags[:, rank] = torch.tensor(self._mine, dtype=torch.int64)
+            try:
+                dist.all_reduce(flags, group=group)
+            except Exception as exc:  # noqa: BLE001 - a peer is gone, or the exchange timed out
+                error = _lost_contact(exc, self.ctx)
+                with self._lock:
+                    self._error = error
+                return
+            failed = [int(r) for r in flags[0].nonzero().flatten().tolist()]
+            with self._lock:
+                self.exchanges += 1
+                self._progress = [int(v) for v in flags[2].tolist()]
+                if failed:
+                    self._failed = failed
+                    return
+                if bool(flags[1].all()):
+                    return
+
+    def _raise_if_stopped(self) -> None:
+        with self._lock:
+            error, failed, stalled = self._error, [r for r in self._failed if r != self.ctx.rank], self._stalled
+        if error is not None:
+            raise error
+        if stalled:
+            raise S2ClipError(f"this rank posted no progress for {self.stall_s:.0f} s (S2CLIP_COLLECTIVE_TIMEOUT); "
+                              "the other ranks were stopped")
+        if failed:
+            raise PeerFailure(failed, self.hint)
+
+    def post(self, progress: int) -> None:
+        """Record this rank's progress (a count that only grows); raise `PeerFailure` or `LostContact`
+        when the watcher has seen another rank fail or go."""
+        with self._lock:
+            self._mine[2] = int(progress)
+            self._last_post = time.monotonic()
+        if self._thread is not None:
+            self._raise_if_stopped()
+
+    def finish(self, on_progress: Callable[[int], None] | None = None) -> None:
+        """After the loop: wait until every rank has finished, calling ``on_progress`` with
+        :attr:`progress` as the exchanges come; raise `PeerFailure`/`LostContact` if one failed or went."""
+        with self._lock:
+            self._mine[1] = 1
+        thread = self._thread
+        if thread is None:
+            return
+        self._wake.set()
+        while thread.is_alive():
+            thread.join(0.1)  # (a short join keeps Ctrl-C and SIGTERM deliverable)
+            if on_progress is not None:
+                on_progress(self.progress)
+        self._raise_if_stopped()
+
+    def abort(self) -> None:
+        """This rank failed: post it and give the others a moment to see it (best effort; the caller
+        re-raises its own error). Waits at most two exchange intervals and a half second."""
+        with self._lock:
+            self._mine[0] = 1
+        thread = self._thread
+        if thread is not None:
+            self._wake.set()
+            thread.join(2 * self.interval_s + 0.5)

@@ -20,8 +20,8 @@ from ..data.check import official_count_mismatch
 from ..data.datasets import SegDataset, open_dataset
 from ..data.presets import CUSTOM, PRESETS
 from ..data.sources import default_data_root, prepare_command
+from ..distributed import DistContext
 from ..errors import S2ClipError
-from ..evaluation.distributed import DistContext
 from ..evaluation.runner import evaluate, lock_work_dirs
 from ..io.files import atomic_write_text, write_json
 from ..methods import TABLE_HEADERS, get_method

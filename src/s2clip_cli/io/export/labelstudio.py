@@ -78,6 +78,7 @@ class LabelStudioWriter:
     """Collects each image's brush results; ``finish`` writes the tasks and the config."""
 
     name = "labelstudio"
+    keeps_images = True  # the run-level files hold a part of each image
 
     def __init__(self, out_dir: Path, classes: ClassTable) -> None:
         check_xml_names(classes)
@@ -100,6 +101,13 @@ class LabelStudioWriter:
 
     def forget(self, name: str) -> None:
         self._tasks.pop(name, None)
+
+    def payload(self, name: str) -> list[dict[str, Any]]:
+        """The image's brush results, as ``tasks_document`` takes them (ids prefixed there)."""
+        return self._tasks[name]
+
+    def restore(self, image: ExportImage, payload: list[dict[str, Any]]) -> None:
+        self._tasks[image.name] = payload
 
     def finish(self) -> dict[str, Path]:
         tasks = write_json(self.out_dir / TASKS_FILE, tasks_document(self._tasks))
