@@ -21,7 +21,8 @@ from segment_helpers import save_image
 from test_segment_inputs import write_video
 
 from s2clip_cli.commands.segment_ranks import split_inputs
-from s2clip_cli.distributed import DistContext
+from s2clip_cli.distributed import DistContext, cuda_index
+from s2clip_cli.errors import S2ClipError
 from s2clip_cli.io.export import ExportSession, RunRecord
 from s2clip_cli.io.sources import Source
 
@@ -106,10 +107,43 @@ def test_a_record_from_another_kind_of_session_is_refused(tmp_path: Path) -> Non
     every = ExportSession(tmp_path, RUN_FORMATS, CLASSES, True)
     with pytest.raises(ValueError, match=r"holds \['coco'\], this session keeps \['coco', 'cvat', 'labelstudio'\]"):
         every.add_record(record)
-    from s2clip_cli.errors import S2ClipError
-
     with pytest.raises(S2ClipError, match="not a relative path inside the output folder"):
         coco_only.add_record(RunRecord("x", "../x.png", 10, 10, record.payloads))
+
+
+def test_run_files_are_written_an_item_a_line_as_json_writes_them(tmp_path: Path) -> None:
+    """coco.json (an image, an annotation a line) and labelstudio.json (a task a line) are streamed
+    with json's C encoder: the same values, and fully expanded the same text as ``json.dumps``."""
+    from s2clip_cli.io.export._common import ClassTable
+    from s2clip_cli.io.export.labelstudio import brush_encoder, brush_results, encode_results, tasks_document
+    from s2clip_cli.io.files import JsonText, json_text, write_json_items
+
+    document = {"images": [{"id": 1, "file_name": "é/a.png"}, {"id": 2}], "info": {"v": 1.5, "x": None},
+                "empty": [], "nested": [[1, [2, 3]], {"k": {}}]}
+    for depth in range(5):
+        path = write_json_items(tmp_path / f"d{depth}.json", document, depth)
+        assert json.loads(path.read_text(encoding="utf-8")) == document
+    assert path.read_text(encoding="utf-8") == json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+    lines = (tmp_path / "d2.json").read_text(encoding="utf-8").splitlines()
+    assert lines[:4] == ["{", '  "images": [', '    {"id": 1, "file_name": "é/a.png"},', '    {"id": 2}']
+    assert write_json_items(tmp_path / "t.json", [JsonText('{"a": 1}')], 1).read_text() == '[\n  {"a": 1}\n]\n'
+    with pytest.raises(ValueError):
+        write_json_items(tmp_path / "nan.json", {"a": [float("nan")]}, 1)
+    assert not (tmp_path / "nan.json").exists() and not list(tmp_path.glob(".*"))
+
+    classes = ClassTable(tuple(CLASSES), True)
+    results = brush_results(_labels(3, (20, 30)), classes, brush_encoder())
+    line = tasks_document({"trip/a.png": encode_results(results), "b.png": []})[1]
+    expected = {"data": {"image": "trip/a.png"},
+                "predictions": [{"model_version": "s2clip", "result": [r | {"id": f"i1{r['id']}"} for r in results]}]}
+    assert line == json_text(expected) and len(results) == 3
+
+
+def test_each_rank_takes_its_own_gpu() -> None:
+    assert [cuda_index(r, 4) for r in range(4)] == [0, 1, 2, 3]  # torchrun: every process sees every GPU
+    assert cuda_index(3, 1) == 0  # the launcher shows each process its own GPU (srun --gpus-per-task=1)
+    with pytest.raises(S2ClipError, match="LOCAL_RANK=4 but this process sees 2 CUDA devices"):
+        cuda_index(4, 2)
 
 
 # ------------------------------------------------------------------------------------ two CPU ranks (slow)
@@ -243,3 +277,4 @@ def test_a_killed_rank_stops_the_other_and_one_rank_finishes_the_run(tmp_path: P
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"done {12 - len(finished)}, skipped {len(finished)}" in rerun.stderr
     assert _snapshot(out) == expected
+

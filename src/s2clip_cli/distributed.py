@@ -138,6 +138,18 @@ def init_kwargs(device_id: Any) -> dict[str, Any]:
     return {"device_id": device_id}
 
 
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of the process of local rank ``local_rank`` that sees ``visible`` devices:
+    ``local_rank`` when every process sees the machine's GPUs (torchrun), 0 when the launcher shows
+    each process its own GPU alone (SLURM's ``--gpus-per-task=1``, ``CUDA_VISIBLE_DEVICES`` per rank)."""
+    if 0 <= local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise S2ClipError(f"LOCAL_RANK={local_rank} but this process sees {visible} CUDA devices: start at most one "
+                      "process per GPU (torchrun --nproc-per-node)")
+
+
 class DistContext:
     """Rank, world size and the few collectives evaluation needs.
 
@@ -150,6 +162,7 @@ class DistContext:
         self.world_size = world_size
         self.local_rank = local_rank
         self.backend = backend
+        self.cuda_index = local_rank  # this process's CUDA device (`cuda_index`), when it uses CUDA
         self._owns_group = False
         self._control: Any = None  # gloo group, collective timeout: failure flags
         self._long: Any = None  # gloo group, 24 h timeout: waits for a download
@@ -159,7 +172,7 @@ class DistContext:
     def from_env(cls, device: str = "cpu", *, backend: str | None = None) -> DistContext:
         """Read torchrun's variables and join the process group (no-op when not distributed). The data
         backend is NCCL for a CUDA ``device``, gloo otherwise, unless ``backend`` names one; with a CUDA
-        ``device`` this process's device is ``cuda:LOCAL_RANK`` either way."""
+        ``device`` this process's device is ``cuda:LOCAL_RANK`` either way (`cuda_index`)."""
         world = _env_int("WORLD_SIZE", 1)
         rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
         if world <= 1:
@@ -172,15 +185,14 @@ class DistContext:
         use_cuda = str(device).startswith("cuda") and torch.cuda.is_available()
         backend = backend or ("nccl" if use_cuda else "gloo")
         ctx = cls(rank, world, local_rank, backend)
+        if use_cuda:
+            ctx.cuda_index = cuda_index(local_rank, torch.cuda.device_count())
         if dist.is_initialized():  # the caller set it up; use it, leave it to them
             ctx.backend = dist.get_backend()
         else:
             if use_cuda:
-                if local_rank >= torch.cuda.device_count():
-                    raise S2ClipError(f"LOCAL_RANK={local_rank} but this machine shows {torch.cuda.device_count()} "
-                                      "CUDA devices: start at most one process per GPU (--nproc-per-node)")
-                torch.cuda.set_device(local_rank)
-            device_id = torch.device("cuda", local_rank) if backend == "nccl" else None
+                torch.cuda.set_device(ctx.cuda_index)
+            device_id = torch.device("cuda", ctx.cuda_index) if backend == "nccl" else None
             dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=collective_timeout(),
                                     **init_kwargs(device_id))
             ctx._owns_group = True
@@ -226,7 +238,7 @@ class DistContext:
     @property
     def device(self) -> str:
         """This rank's CUDA device under NCCL, else "cpu" (where collective tensors live)."""
-        return f"cuda:{self.local_rank}" if self.backend == "nccl" else "cpu"
+        return f"cuda:{self.cuda_index}" if self.backend == "nccl" else "cpu"
 
     def shard(self, items: Sequence[T]) -> list[T]:
         """This rank's share: ``items[rank::world_size]``."""

@@ -178,7 +178,7 @@ def run_eval(dataset_names: list[str], data_root: Path | None, base: SegmenterCo
     ctx = DistContext.from_env(device)
     try:
         if device.startswith("cuda") and ctx.is_distributed:
-            device = f"cuda:{ctx.local_rank}"
+            device = f"cuda:{ctx.cuda_index}"
         base = dataclasses.replace(base, device=device)
         datasets = open_datasets(dataset_names, data_root, images=images, masks=masks, class_names=class_names,
                                  reduce_zero_label=reduce_zero_label)

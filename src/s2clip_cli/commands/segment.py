@@ -540,7 +540,7 @@ def run_segment(sources: list[Source], classes: list[list[str]], background: lis
     ctx = DistContext.from_env(device, backend="gloo")  # ranks exchange flags and small objects only
     try:
         if ctx.is_distributed and device.startswith("cuda"):
-            config = dataclasses.replace(config, device=f"cuda:{ctx.local_rank}")
+            config = dataclasses.replace(config, device=f"cuda:{ctx.cuda_index}")
         return _run_segment(ctx, sources, classes, background, queries, config, out_dir, console=console,
                             out=out if not ctx.is_distributed else Console(quiet=True), options=options,
                             record_config=record_config, explicit=explicit)

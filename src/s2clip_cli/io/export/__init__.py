@@ -91,8 +91,8 @@ class _Writer(Protocol):
 @dataclass(frozen=True)
 class RunRecord:
     """What a session's run-level files keep of one image (`ExportSession.run_records`): its path and
-    name, its size, and each run-level format's part (plain lists, dicts, strings and numbers: it
-    pickles and goes through JSON unchanged). Another session of the same formats and classes takes
+    name, its size, and each run-level format's part (lists, tuples, dicts, strings and numbers: it
+    pickles). Another session of the same formats and classes takes
     it back with `ExportSession.add_record`, so the ranks of a run can merge their images into one
     set of run-level files."""
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from ..files import write_json
+from ..files import write_json_items
 from ..naming import image_ids, image_order
 from ._common import ClassTable, ExportImage, Region, categories, connected_regions
 
@@ -125,5 +125,5 @@ class CocoWriter:
         self._images[image.name] = (image, payload)
 
     def finish(self) -> dict[str, Path]:
-        write_json(self.path, coco_document(self._images, self.classes))
+        write_json_items(self.path, coco_document(self._images, self.classes), depth=2)  # an image, an annotation a line
         return {self.name: self.path}
