@@ -637,6 +637,7 @@ def _segment_share(ctx: DistContext, plan: _Plan, share: Share, seg: Segmenter |
                 if source in skipped:
                     counts.skipped += 1
                     run.add_existing(source)
+                    run.checkpoint()  # (reading back thousands of masks is progress too)
                 elif source in todo:
                     if source.kind == "image":
                         pending.append(source)
