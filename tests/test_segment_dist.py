@@ -173,9 +173,10 @@ def _worker(args: list[str], ranks: int, timeout: float = 400) -> subprocess.Com
 
 
 def _snapshot(out: Path) -> dict[str, object]:
-    """Every file under ``out``: its bytes, or for a JSON record its content without the timings."""
+    """Every file under ``out`` (hidden ones aside: a killed writer's temporary file): its bytes, or
+    for a JSON record its content without the timings."""
     files: dict[str, object] = {}
-    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+    for path in sorted(p for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")):
         key = path.relative_to(out).as_posix()
         if path.suffix == ".json":
             document = json.loads(path.read_text(encoding="utf-8"))
@@ -209,6 +210,7 @@ def test_two_ranks_write_exactly_what_one_writes(tmp_path: Path) -> None:
     assert len([e for e in _errors(two.stderr) if "broken.png" in e]) == 1  # the rank that had it reports it
     assert two.stdout == ""  # no per-image lines under several ranks
     merged = _snapshot(out)
+    assert not list(out.rglob(".*"))  # no temporary file, no hidden folder of parts
     assert sorted(merged) == sorted(reference)
     for key in reference:
         assert merged[key] == reference[key], key
@@ -270,7 +272,8 @@ def test_a_killed_rank_stops_the_other_and_one_rank_finishes_the_run(tmp_path: P
     assert "Traceback" not in err0
     finished = sorted(p.stem for p in out.glob("*.json"))
     assert 2 <= len(finished) < 12 and not (out / "coco.json").exists()
-    assert not [p for p in out.rglob(".*")], "no temporary file is left behind"
+    # the survivor leaves no temporary file (a SIGKILLed writer cannot clean up: its pid names its own)
+    assert not [p for p in out.rglob(".*") if f"-{procs[1].pid}-" not in p.name], list(out.rglob(".*"))
 
     # One rank finishes the rest; the run files equal the uninterrupted run's
     rerun = _worker(args, 1)
@@ -278,3 +281,33 @@ def test_a_killed_rank_stops_the_other_and_one_rank_finishes_the_run(tmp_path: P
     assert f"done {12 - len(finished)}, skipped {len(finished)}" in rerun.stderr
     assert _snapshot(out) == expected
 
+
+
+def test_a_rank_that_fails_stops_the_other_within_seconds(tmp_path: Path) -> None:
+    """Rank 1 fails as a process (interrupted at its 2nd image, not an input's error): rank 0, busy
+    with its own images, stops within seconds, naming rank 1 and how to continue."""
+    photos = tmp_path / "photos"
+    for k in range(16):
+        save_image(photos / f"im{k:02d}.png", (32, 40), seed=k)
+    env = _env() | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    args = ["--delay", "0.4", "--interrupt-at", "2", "segment", str(photos), "--classes", "cat,dog", "-o",
+            str(tmp_path / "out"), *TINY]
+    procs = [subprocess.Popen([sys.executable, str(WORKER), *args], env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for r in range(2)]
+    try:
+        err1 = procs[1].communicate(timeout=300)[1]
+        failed = time.monotonic()
+        err0 = procs[0].communicate(timeout=60)[1]
+        stopped_after = time.monotonic() - failed
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert procs[1].returncode != 0 and _errors(err1) == ["error: interrupted"], err1[-3000:]
+    assert procs[0].returncode == 2 and stopped_after < 10, (stopped_after, err0[-3000:])
+    assert _errors(err0) == ["error: stopped because rank 1 failed (its error is in its own output); finished inputs "
+                             "are kept: rerun the same command (with any number of ranks) to continue"], err0
+    done0 = [p for p in (tmp_path / "out").glob("*.json") if int(p.stem[2:]) % 2 == 0]  # rank 0's: im00, im02, ...
+    assert len(done0) < 8, done0  # it stopped before the end of its share
