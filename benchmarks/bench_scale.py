@@ -132,6 +132,7 @@ def rank_merge(result: Path, records: int, out: Path) -> None:
 
 
 def _spin(seconds: float, counts: Any) -> None:
+    os.setsid()  # a session of its own, as torchrun starts each rank (Linux shares CPU time out by session)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         for _ in range(1000):
