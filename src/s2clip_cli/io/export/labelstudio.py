@@ -69,7 +69,7 @@ def labeling_config(classes: ClassTable) -> str:
 def encode_results(results: list[dict[str, Any]]) -> list[EncodedResult]:
     """Brush results (`brush_results`) as the run's tasks file will hold them, encoded once: a mask's
     run lengths are thousands of numbers, and a run of 10 000 images writes (and merges, across
-    ranks) them far faster, and holds them in a seventh of the memory, as text."""
+    ranks) them far faster, and holds them in half the memory, as text."""
     return [(result["id"], json_text({k: v for k, v in result.items() if k != "id"})[1:-1]) for result in results]
 
 
