@@ -61,6 +61,9 @@ SLOW_TESTS: tuple[str, ...] = (
     "test_signals.py::test_analyses_stop_without_writing_anything",  # 3 x 20 s: entropy, ap, visualize
     "test_signals.py::test_data_prepare_stops_keeps_what_is_done_and_resumes",  # 30 s
     "test_model_seeding.py::test_segment_no_sam_equals_a_segmenter_that_built_sam_and_does_not_refine",  # 36 s
+    "test_segment_dist.py::test_two_ranks_write_exactly_what_one_writes",  # 68 s at load 3.5 (140 s at load 14): 1 + 2 + 2 ranks
+    "test_segment_dist.py::test_a_killed_rank_stops_the_other_and_one_rank_finishes_the_run",  # 57 s (116 s): three runs
+    "test_segment_dist.py::test_a_rank_that_fails_stops_the_other_within_seconds",  # 21 s: two ranks
     "test_serve_browser.py::test_page_segments_an_uploaded_photo",  # a server and Chromium (make test-browser)
     "test_serve_browser.py::test_page_shows_a_bad_request_as_an_error",
     "test_serve_process.py::test_a_signal_stops_the_server_cleanly",  # 2 x 34 s: a real server per signal

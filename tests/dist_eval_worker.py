@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_helpers import CONFIG, colour_predict  # noqa: E402
 
 from s2clip_cli.data.datasets import open_dataset  # noqa: E402
+from s2clip_cli.distributed import DistContext  # noqa: E402
 from s2clip_cli.errors import S2ClipError  # noqa: E402
-from s2clip_cli.evaluation.distributed import DistContext  # noqa: E402
 from s2clip_cli.evaluation.runner import evaluate  # noqa: E402
 
 

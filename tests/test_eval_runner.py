@@ -17,8 +17,8 @@ from PIL import Image
 
 from s2clip_cli.data.datasets import open_dataset
 from s2clip_cli.data.synthetic import write_synthetic_dataset
+from s2clip_cli.distributed import DistContext
 from s2clip_cli.errors import S2ClipError
-from s2clip_cli.evaluation.distributed import DistContext
 from s2clip_cli.evaluation.metrics import confusion_matrix, summarize
 from s2clip_cli.evaluation.records import RecordLog, RunSignature, rank_log_path
 from s2clip_cli.evaluation.runner import evaluate

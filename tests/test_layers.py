@@ -18,7 +18,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "pipeline": {"evaluation", "analysis", "data"},
     "analysis": {"evaluation", "refine"},
     "evaluation": {"refine", "pipeline", "analysis"},
-    "base": set(LAYERS) - {"data"},  # errors, config, io, profiling, methods (a table over data.presets)
+    "base": set(LAYERS) - {"data"},  # errors, config, io, profiling, distributed, methods (a table over data.presets)
 }
 
 
@@ -55,6 +55,17 @@ def _imports(path: Path) -> list[tuple[int, str]]:
 
 
 SOURCES = sorted(PACKAGE.rglob("*.py"))
+
+
+def test_the_rank_machinery_sits_below_the_drivers_that_share_it() -> None:
+    """`distributed` (ranks, failure flags, progress) serves `eval` and `segment`: a base module that
+    imports no layer, not a part of `evaluation`."""
+    module = PACKAGE / "distributed.py"
+    assert _layer_of(_module_name(module)) == "base" and not (PACKAGE / "evaluation" / "distributed.py").exists()
+    assert not [t for _, t in _imports(module) if _layer_of(t) != "base"]
+    users = {p.relative_to(PACKAGE).as_posix() for p in SOURCES
+             if "s2clip_cli.distributed" in {t for _, t in _imports(p)}}
+    assert {"commands/evaluate.py", "commands/segment.py", "evaluation/runner.py"} <= users, users
 
 
 def test_the_rules_see_every_module_and_lazy_imports() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -123,7 +124,8 @@ def segment(
     config: ConfigOpt = None,
 ) -> None:
     """Label every pixel of IMAGES with one of --classes; writes mask, overlay and JSON per image
-    (skipping images whose outputs exist), frame masks and an overlay video per video."""
+    (skipping images whose outputs exist), frame masks and an overlay video per video. Under
+    torchrun, each rank segments its share of the inputs on its own device."""
     from ..commands.segment import SegmentOptions, background_names, check_export_classes, run_segment
     from ..data.class_names import parse_class_list
     from ..io.files import prepare_output_dir
@@ -154,12 +156,16 @@ def segment(
                      prob_thd=threshold if bg else None, no_sam=no_sam or None, clip=value(clip),
                      instance_masks=str(instance_masks) if instance_masks is not None else None,
                      mask_points=mask_points)
-    warn_random(value(models))
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 speaks for the run
+    if main:
+        warn_random(value(models))
     counts = run_segment(sources, class_list, bg, cfg, out_dir, console=console, out=out, options=options,
                          record_config=config_record(ctx), explicit=explicit)
-    if len(sources) > 1 or counts.skipped:
+    if main and (len(sources) > 1 or counts.skipped):
         console.print(counts.summary(), highlight=False, soft_wrap=True)
     if counts.failed:
+        if not main:
+            raise typer.Exit(1)
         fail(f"{counts.failed} of {len(sources)} inputs could not be segmented (see above)", code=1)
 
 

@@ -20,8 +20,8 @@ from ..data.check import official_count_mismatch
 from ..data.datasets import SegDataset, open_dataset
 from ..data.presets import CUSTOM, PRESETS
 from ..data.sources import default_data_root, prepare_command
+from ..distributed import DistContext
 from ..errors import S2ClipError
-from ..evaluation.distributed import DistContext
 from ..evaluation.runner import evaluate, lock_work_dirs
 from ..io.files import atomic_write_text, write_json
 from ..methods import TABLE_HEADERS, get_method
@@ -181,7 +181,7 @@ def run_eval(dataset_names: list[str], data_root: Path | None, base: SegmenterCo
     ctx = DistContext.from_env(device)
     try:
         if device.startswith("cuda") and ctx.is_distributed:
-            device = f"cuda:{ctx.local_rank}"
+            device = f"cuda:{ctx.cuda_index}"
         base = dataclasses.replace(base, device=device)
         datasets = open_datasets(dataset_names, data_root, images=images, masks=masks, class_names=class_names,
                                  reduce_zero_label=reduce_zero_label)

@@ -7,15 +7,20 @@ Per image ``NAME`` (see `io.sources` for how names mirror sub-folders) under the
 complete (``--overwrite`` redoes them); an input whose outputs exist only in part is refused
 without ``--overwrite``; an output that would replace an input is refused always. A bad input is
 reported on one line and the others still run.
+
+Under ``torchrun`` (or any launcher exporting its variables) each rank segments its share of the
+inputs on its own device and rank 0 writes the run-level export files of all (`segment_ranks`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +31,7 @@ from rich.markup import escape
 from rich.progress import Progress
 
 from ..config import DEFAULT_BACKGROUND
+from ..distributed import ClockWatch, DistContext, LostContact, PeerFailure, agreed
 from ..errors import S2ClipError, noted_on_interrupt, one_line
 from ..io.files import write_json
 from ..io.images import read_image
@@ -40,11 +46,14 @@ from ..io.outputs import (
     save_overlay,
 )
 from ..io.sources import Source, check_unique_names
+from ..methods import get_method
+from ..models.factory import prefetch_weights, resolve_device
 from ..models.precision import dtype_name
-from ..pipeline.segmenter import SegmentationResult, Segmenter, SegmenterConfig
-from ..pipeline.text import build_queries
+from ..pipeline.segmenter import SD_MODEL, SegmentationResult, Segmenter, SegmenterConfig
+from ..pipeline.text import ClassQueries, build_queries
 from .inputs import progress_bar
 from .methods import method_config
+from .segment_ranks import RESUME_HINT, Share, merge_run_files, split_inputs, sum_counts
 
 State = Literal["new", "complete", "partial"]
 
@@ -78,11 +87,15 @@ class RunCounts:
     done: int = 0
     skipped: int = 0
     failed: int = 0
-    failures: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # this process's messages
+    ranks: int = 1  # processes of the run (the counts cover them all)
+    seconds: float = 0.0  # segmenting (models built to every rank done)
+    merge_seconds: float = 0.0  # the run-level export files (rank 0)
 
     def summary(self) -> str:
         skipped = f"skipped {self.skipped}" + (" (outputs exist; --overwrite redoes them)" if self.skipped else "")
-        return f"done {self.done}, {skipped}, failed {self.failed}"
+        ranks = f" on {self.ranks} ranks in {self.seconds:.1f} s" if self.ranks > 1 else ""
+        return f"done {self.done}, {skipped}, failed {self.failed}{ranks}"
 
 
 def output_paths(out_dir: Path, name: str) -> dict[str, Path]:
@@ -277,23 +290,52 @@ class _Plan:
 
 
 class _Run:
-    """One `segment` run: the segmenter, the outputs, the counts and the messages."""
+    """One process's part of a `segment` run: the segmenter (None on a rank with nothing to
+    segment), the outputs, the counts, the messages and the progress."""
 
-    def __init__(self, plan: _Plan, seg: Segmenter, options: SegmentOptions, console: Console, out: Console,
-                 progress: Progress, record_config: dict[str, Any] | None, exports: Any) -> None:
+    def __init__(self, plan: _Plan, seg: Segmenter | None, queries: ClassQueries, options: SegmentOptions,
+                 console: Console, out: Console, progress: Progress, record_config: dict[str, Any] | None,
+                 exports: Any) -> None:
         self.plan = plan
-        self.seg = seg
+        self._seg = seg
         self.options = options
         self.console = console
         self.out = out
         self.progress = progress
         self.record_config = record_config
         self.exports = exports
-        self.labels = seg.queries.labels
-        self.palette = make_palette(len(self.labels), seg.queries.has_background)
+        self.labels = queries.labels
+        self.palette = make_palette(len(self.labels), queries.has_background)
         self.counts = RunCounts()
         self.image_task: Any = None
         self.single = len(plan.sources) == 1  # one input: its error is raised, not reported
+        self.units = 0  # inputs this process has segmented (or failed to)
+        self.watch: ClockWatch | None = None  # several ranks: failures and progress of all
+        self.all_task: Any = None  # several ranks: rank 0's bar over every rank's inputs
+
+    @property
+    def seg(self) -> Segmenter:
+        if self._seg is None:
+            raise RuntimeError("this process has no segmenter: it was given no input to segment")
+        return self._seg
+
+    def checkpoint(self) -> None:
+        """Tell the other ranks how far this one is (raises `PeerFailure`/`LostContact` when one
+        failed or is gone) and show every rank's progress."""
+        if self.watch is not None:
+            self.watch.post(self.units)
+            self.show_all(self.watch.progress)
+
+    def show_all(self, done: int) -> None:
+        if self.all_task is not None:
+            self.progress.update(self.all_task, completed=done)
+
+    def advance(self, count: int, *, images: bool = True) -> None:
+        """``count`` more inputs (images, or a video) are through: segmented or failed."""
+        self.units += count
+        if images and self.image_task is not None:
+            self.progress.advance(self.image_task, count)
+        self.checkpoint()
 
     def fail(self, source: Source, exc: BaseException) -> None:
         message = one_line(exc) if isinstance(exc, S2ClipError) else (
@@ -311,6 +353,8 @@ class _Run:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 yield
+        except (PeerFailure, LostContact):
+            raise  # another rank stopped the run: not this input's failure
         except S2ClipError as exc:
             if self.single:
                 raise
@@ -327,7 +371,7 @@ class _Run:
             with self.guarded(source):
                 loaded.append((source, read_image(source.path)))
         if not loaded:
-            self.progress.advance(self.image_task, len(sources))
+            self.advance(len(sources))
             return
         results = self.segment([image for _, image in loaded], [s for s, _ in loaded])
         for (source, image), result in zip(loaded, results, strict=True):
@@ -341,7 +385,7 @@ class _Run:
                 self.counts.done += 1
                 self.out.print(f"{escape(str(source.path))} → {escape(record['outputs']['mask'])}  "
                                f"({escape(_summary(record))})", highlight=False, soft_wrap=True)
-        self.progress.advance(self.image_task, len(sources))
+        self.advance(len(sources))
 
     def segment(self, images: list[np.ndarray], sources: list[Source]) -> list[SegmentationResult | None]:
         """Segment a batch; when the batch fails, each image on its own (so only a bad one fails)."""
@@ -395,6 +439,7 @@ class _Run:
                             timings[stage] = timings.get(stage, 0.0) + seconds
                     self.progress.advance(task, len(pending))
                     pending.clear()
+                    self.checkpoint()
 
                 for index, frame in video:
                     pending.append((index, frame))
@@ -417,6 +462,7 @@ class _Run:
             self.counts.done += 1
             self.out.print(f"{escape(str(source.path))} → {escape(str(targets['overlay']))}  ({len(frames)} frames)",
                            highlight=False, soft_wrap=True)
+        self.advance(1, images=False)
 
     # ------------------------------------------------------------------ skipped inputs
     def add_existing(self, source: Source) -> None:
@@ -465,17 +511,14 @@ def _check_disjoint(sources: list[Source], targets: dict[Path, list[tuple[Path, 
                                       f"of {other.path}; rename one of them")
 
 
-def _refuse_partial(plan: _Plan, counts: RunCounts, console: Console) -> None:
+def _refused(plan: _Plan) -> list[str]:
     """Without --overwrite, an input whose outputs exist only in part is refused (they may be
-    another run's or the user's files)."""
-    for source in plan.sources:
-        state, existing = plan.state[source.path]
-        if state == "partial" and not plan.options.overwrite:
-            message = (f"{source.path}: {existing[0]} exists but the outputs of this input are not a complete "
-                       "set; --overwrite replaces them")
-            counts.failed += 1
-            counts.failures.append(message)
-            console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    another run's or the user's files): one message per such input, in input order."""
+    if plan.options.overwrite:
+        return []
+    return [f"{source.path}: {existing[0]} exists but the outputs of this input are not a complete set; "
+            "--overwrite replaces them"
+            for source in plan.sources for state, existing in [plan.state[source.path]] if state == "partial"]
 
 
 def run_segment(sources: list[Source], classes: list[list[str]], background: list[str] | None,
@@ -484,62 +527,134 @@ def run_segment(sources: list[Source], classes: list[list[str]], background: lis
                 explicit: dict[str, Any] | None = None) -> RunCounts:
     """Segment every source with `config.method` (its own defaults, `explicit` options on top) and
     return the counts. With one input, its failure is raised; with several, each is reported on one
-    line and the others still run. Models are built only when something is left to segment."""
+    line and the others still run. Models are built only when something is left to segment.
+
+    Under several ranks (``WORLD_SIZE`` > 1) every rank calls this with the same arguments: each
+    segments its share (`segment_ranks.split_inputs`) on ``cuda:LOCAL_RANK`` (or the CPU), prints
+    its own failures; rank 0 alone shows progress (of every rank), prints nothing per input and
+    writes the run-level export files; every rank returns the counts of all. A rank that fails (not an
+    input: the process) stops every rank within seconds."""
     if options.batch < 1 or options.every < 1:
         raise S2ClipError("--batch and --every must be at least 1")
     queries = build_queries(classes, background)
     mask_png_kind(len(queries.labels))  # too many classes: refused before any model is built
+    device = str(resolve_device(config.device))
+    ctx = DistContext.from_env(device, backend="gloo")  # ranks exchange flags and small objects only
+    try:
+        if ctx.is_distributed and device.startswith("cuda"):
+            config = dataclasses.replace(config, device=f"cuda:{ctx.cuda_index}")
+        return _run_segment(ctx, sources, classes, background, queries, config, out_dir, console=console,
+                            out=out if not ctx.is_distributed else Console(quiet=True), options=options,
+                            record_config=record_config, explicit=explicit)
+    finally:
+        ctx.close()
+
+
+def _run_segment(ctx: DistContext, sources: list[Source], classes: list[list[str]], background: list[str] | None,
+                 queries: ClassQueries, config: SegmenterConfig, out_dir: Path, *, console: Console, out: Console,
+                 options: SegmentOptions, record_config: dict[str, Any] | None,
+                 explicit: dict[str, Any] | None) -> RunCounts:
     exports = None
     if any(f != "png" for f in options.formats):
         from ..io.export import ExportSession
 
         exports = ExportSession(out_dir, options.formats, queries.labels, queries.has_background,
                                 polygon_tolerance=options.polygon_tolerance)
-        if any(s.kind == "video" for s in sources):
+        if ctx.is_main and any(s.kind == "video" for s in sources):
             console.print("[bold yellow]warning:[/] export formats other than png cover images; videos get "
                           "their frame masks, overlay video and JSON", highlight=False, soft_wrap=True)
-    plan = _Plan(sources, out_dir, options, exports)
+    # Every rank plans (the same inputs, outputs and states) before any rank writes.
+    plan = agreed(ctx, lambda: _Plan(sources, out_dir, options, exports))
     counts = RunCounts()
-    _refuse_partial(plan, counts, console)
-    if len(plan.sources) == 1 and counts.failed:
-        raise S2ClipError(counts.failures[0])
-    todo = set(plan.todo())
-    skipped = {s for s in plan.sources if s not in todo and plan.state[s.path][0] == "complete"}
-    seg = None
-    if todo or (exports is not None and skipped):
-        config = method_config(config, config.method, None, explicit)
-        with console.status("loading models and embedding class names…"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            seg = Segmenter.build(config, classes, background)
-    images = [s for s in plan.sources if s in todo and s.kind == "image"]
-    show_progress = len(plan.sources) > 1 or any(s.kind == "video" for s in todo)
-    with noted_on_interrupt(lambda: f"{counts.summary()}; rerun the same command to continue (finished inputs are "
-                            "skipped)"), progress_bar(console, disable=not show_progress) as progress:
-        run = None if seg is None else _Run(plan, seg, options, console, out, progress, record_config, exports)
-        if run is not None:
-            run.counts = counts
-            run.image_task = progress.add_task("images", total=len(images)) if images else None
-        pending: list[Source] = []
-        for source in plan.sources:
-            if source in skipped:
-                counts.skipped += 1
-                if run is not None:
-                    run.add_existing(source)
-            elif source in todo and run is not None:
-                if source.kind == "image":
-                    pending.append(source)
-                if pending and (source.kind == "video" or len(pending) >= options.batch):
-                    run.images(pending)
-                    pending = []
-                if source.kind == "video":
-                    run.video(source)
-        if pending and run is not None:
-            run.images(pending)
-    if exports is not None and (counts.done or counts.skipped):
-        try:
-            exports.finish()
-        except S2ClipError as exc:
+    refused = _refused(plan)
+    if len(plan.sources) == 1 and refused:
+        raise S2ClipError(refused[0])
+    if ctx.is_main:
+        for message in refused:
             counts.failed += 1
-            counts.failures.append(one_line(exc))
-            console.print(f"[bold red]error:[/] {escape(one_line(exc))}", highlight=False, soft_wrap=True)
-    return counts
+            counts.failures.append(message)
+            console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    todo = plan.todo()
+    skipped = [s for s in plan.sources if plan.state[s.path][0] == "complete" and not options.overwrite]
+    share = split_inputs(todo, skipped, ctx.rank, ctx.world_size)
+    seg = _segmenter(ctx, config, classes, background, explicit, console, todo, share)
+    start = time.perf_counter()
+    _segment_share(ctx, plan, share, seg, queries, options, console, out, record_config, exports, counts,
+                   show_progress=len(plan.sources) > 1 or any(s.kind == "video" for s in todo), total=len(todo))
+    totals = sum_counts(ctx, counts.done, counts.skipped, counts.failed, time.perf_counter() - start)
+    merge_failed, merge_s = 0, 0.0
+    if exports is not None and (totals.done or totals.skipped):
+        message, merge_s = merge_run_files(ctx, exports, console)
+        if message is not None:
+            counts.failures.append(message)
+        merge_failed = int(ctx.all_reduce_sum(np.array([message is not None], dtype=np.int64))[0])
+    return RunCounts(totals.done, totals.skipped, totals.failed + merge_failed, counts.failures,
+                     ranks=ctx.world_size, seconds=totals.seconds, merge_seconds=merge_s)
+
+
+def _segmenter(ctx: DistContext, config: SegmenterConfig, classes: list[list[str]], background: list[str] | None,
+               explicit: dict[str, Any] | None, console: Console, todo: list[Source], share: Share
+               ) -> Segmenter | None:
+    """The models of this process, when it has inputs to segment. Under several ranks, rank 0 first
+    fetches any missing weights while the others wait; a rank that cannot build its models stops
+    every rank."""
+    if not todo:
+        return None
+    config = method_config(config, config.method, None, explicit)
+    if ctx.is_distributed:
+        prefetch_weights(config.clip, config.vfm if get_method(config.method).vfm is not None else None, config.sam,
+                         sd_name=SD_MODEL if config.sd else None, mode=config.models, paths=config.weights,
+                         offline=config.offline, group=ctx)
+
+    def build() -> Segmenter | None:
+        if not share.todo:
+            return None
+        status = console.status("loading models and embedding class names…") if ctx.is_main else nullcontext()
+        with status, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return Segmenter.build(config, classes, background)
+
+    return agreed(ctx, build, long_wait=True)
+
+
+def _segment_share(ctx: DistContext, plan: _Plan, share: Share, seg: Segmenter | None, queries: ClassQueries,
+                   options: SegmentOptions, console: Console, out: Console, record_config: dict[str, Any] | None,
+                   exports: Any, counts: RunCounts, *, show_progress: bool, total: int) -> None:
+    """This process's share, in input order: images in batches, videos, skipped images read back for
+    the run-level files. Under several ranks a `ClockWatch` carries failures and progress; the
+    share ends when every rank's has."""
+    todo, skipped = set(share.todo), set(share.skipped)
+    watch = ctx.clock_watch(RESUME_HINT).start()
+    try:
+        note = noted_on_interrupt(lambda: f"{counts.summary()}; rerun the same command to continue (finished "
+                                  "inputs are skipped)")
+        with note, progress_bar(console, disable=not (show_progress and ctx.is_main)) as progress:
+            run = _Run(plan, seg, queries, options, console, out, progress, record_config, exports)
+            run.counts = counts
+            if ctx.is_distributed:
+                run.watch = watch
+                run.all_task = progress.add_task(f"inputs ({ctx.world_size} ranks)", total=total) if total else None
+            elif any(s.kind == "image" for s in share.todo):
+                run.image_task = progress.add_task("images", total=sum(s.kind == "image" for s in share.todo))
+            pending: list[Source] = []
+            for source in plan.sources:
+                if source in skipped:
+                    counts.skipped += 1
+                    run.add_existing(source)
+                    run.checkpoint()  # (reading back thousands of masks is progress too)
+                elif source in todo:
+                    if source.kind == "image":
+                        pending.append(source)
+                    if pending and (source.kind == "video" or len(pending) >= options.batch):
+                        run.images(pending)
+                        pending = []
+                    if source.kind == "video":
+                        run.video(source)
+            if pending:
+                run.images(pending)
+            watch.finish(run.show_all)
+    except (PeerFailure, LostContact):
+        raise  # nothing to tell the others: they know, or they are gone
+    except BaseException:
+        watch.abort()  # the other ranks stop within a second or two
+        raise

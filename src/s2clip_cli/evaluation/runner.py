@@ -36,11 +36,11 @@ import torch
 from PIL import Image
 
 from ..data.datasets import MAX_EVAL_CLASSES, SegDataset, label_colours
+from ..distributed import DistContext, LostContact, PeerFailure, agreed, check_points
 from ..errors import S2ClipError
 from ..io.files import atomic_write_bytes, exclusive_lock, prepare_output_dir
 from ..io.images import read_image
 from .decode import Reader, decode_loader, decoding
-from .distributed import DistContext, LostContact, PeerFailure, check_points
 from .metrics import confusion_matrix, summarize
 from .records import RecordLog, RunSignature, rank_log_path, read_all_records, sum_records
 
@@ -151,7 +151,7 @@ def lock_work_dirs(work_dirs: Sequence[Path], ctx: DistContext) -> contextlib.Ex
     `evaluate`."""
     stack = contextlib.ExitStack()
     try:
-        _agreed(ctx, lambda: [stack.enter_context(work_dir_lock(_checked_work_dir(d))) for d in work_dirs]
+        agreed(ctx, lambda: [stack.enter_context(work_dir_lock(_checked_work_dir(d))) for d in work_dirs]
                 if ctx.is_main else None)
     except BaseException:
         stack.close()
@@ -204,21 +204,6 @@ def evaluate(dataset: SegDataset, predict_fn: PredictFn, *, work_dir: Path, conf
             ctx.close()
 
 
-def _agreed(ctx: DistContext, step: Callable[[], Any]) -> Any:
-    """Run ``step`` on every rank, then agree: if any rank failed, every rank raises (the failing
-    ranks their own error, the others `PeerFailure`). Returns ``step``'s result."""
-    try:
-        result = step()
-    except BaseException:
-        with contextlib.suppress(LostContact):
-            ctx.failed_ranks(False)  # the others raise PeerFailure; this rank raises its own error
-        raise
-    failed = ctx.failed_ranks(True)
-    if failed:
-        raise PeerFailure(failed)
-    return result
-
-
 def _open_records(work_dir: Path, rank: int, signature: RunSignature) -> tuple[RecordLog, dict[str, Any]]:
     """This rank's record file (open for appending) and every rank's records read so far."""
     log = RecordLog(rank_log_path(work_dir, rank), signature)
@@ -243,7 +228,7 @@ def _evaluate(dataset: SegDataset, predict_fn: PredictFn, work_dir: Path, config
     preds_dir = work_dir / "preds"
 
     # Every rank has opened its own file and read the same records before any rank appends.
-    log, done = _agreed(ctx, lambda: _open_records(work_dir, ctx.rank, signature))
+    log, done = agreed(ctx, lambda: _open_records(work_dir, ctx.rank, signature))
     watch = ctx.failure_watch("finished images are kept: rerun with the same --work-dir to resume")
     predict_s, n_new = 0.0, 0
     try:

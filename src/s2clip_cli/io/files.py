@@ -99,6 +99,51 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, text)
 
 
+_ONE_LINE = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(", ", ": "))  # json's C encoder
+
+
+class JsonText(str):
+    """A value already encoded as one line of JSON (`json_text`): `write_json_items` writes it as it is."""
+
+
+def json_text(value: Any) -> str:
+    """``value`` (plain JSON values) as one line of JSON, as `write_json_items` writes an item."""
+    return _ONE_LINE.encode(value)
+
+
+def write_json_items(path: str | Path, obj: Any, depth: int) -> Path:
+    """Write a large document of plain JSON values (str, int, finite float, bool, None, list, dict:
+    no numpy, no paths) atomically, streamed: its first ``depth`` levels of lists and dicts indented
+    as `write_json` writes them, every value below on one line. The run-level export files (an
+    image, an annotation, a task a line) write 5-10x faster and smaller this way than fully
+    indented, where each number of a mask's run lengths takes a line; json's C encoder writes each
+    item, and a `JsonText` is written as it is. NaN and infinities are a ``ValueError``."""
+
+    def write(fh: Any, value: Any, levels: int, indent: str) -> None:
+        inner = indent + "  "
+        if levels > 0 and isinstance(value, dict) and value:
+            fh.write("{\n")
+            for k, (key, item) in enumerate(value.items()):
+                fh.write(f"{inner}{_ONE_LINE.encode(str(key))}: ")
+                write(fh, item, levels - 1, inner)
+                fh.write(",\n" if k < len(value) - 1 else "\n")
+            fh.write(indent + "}")
+        elif levels > 0 and isinstance(value, list) and value:
+            fh.write("[\n")
+            for k, item in enumerate(value):
+                fh.write(inner)
+                write(fh, item, levels - 1, inner)
+                fh.write(",\n" if k < len(value) - 1 else "\n")
+            fh.write(indent + "]")
+        else:
+            fh.write(value if isinstance(value, JsonText) else _ONE_LINE.encode(value))
+
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        write(fh, obj, depth, "")
+        fh.write("\n")
+    return Path(path)
+
+
 def prepare_output_dir(path: str | Path) -> Path:
     """Create the output directory (and its parents) if needed and return it."""
     path = Path(path).expanduser()

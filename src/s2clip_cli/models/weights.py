@@ -513,7 +513,7 @@ def resolve(spec: ModelSpec, explicit: str | Path | None = None, *, offline: boo
 
 
 class RankGroup(Protocol):
-    """What `resolve_collectively` needs of a process group (`evaluation.distributed.DistContext`)."""
+    """What `resolve_collectively` needs of a process group (`s2clip_cli.distributed.DistContext`)."""
 
     @property
     def rank(self) -> int: ...

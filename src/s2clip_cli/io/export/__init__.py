@@ -27,8 +27,9 @@ cvat              ``cvat.xml`` (CVAT for images 1.1, ``<mask>`` per region) per 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -39,7 +40,7 @@ from ._common import ClassTable, ExportImage, check_cvat_labels, check_labels, c
 
 FORMATS: tuple[str, ...] = ("png", "coco", "polygons", "masks", "yolo", "labelstudio", "cvat")
 
-__all__ = ["FORMATS", "ExportSession", "check_class_names", "parse_formats"]
+__all__ = ["FORMATS", "ExportSession", "RunRecord", "check_class_names", "parse_formats"]
 
 
 def parse_formats(text: str) -> list[str]:
@@ -75,13 +76,31 @@ def check_class_names(formats: Sequence[str], class_names: Sequence[str], has_ba
 
 class _Writer(Protocol):
     name: str
+    keeps_images: bool  # the run-level files hold a part of each image (`payload`)
 
     def image_outputs(self, stem: str) -> dict[str, Path]: ...
     def image_folders(self, stem: str) -> dict[str, Path]: ...
     def write_image(self, image: ExportImage, labels: np.ndarray) -> dict[str, Path]: ...
     def remember(self, image: ExportImage, labels: np.ndarray) -> None: ...
     def forget(self, name: str) -> None: ...
+    def payload(self, name: str) -> Any: ...  # what the run-level files keep of an image (`keeps_images`)
+    def restore(self, image: ExportImage, payload: Any) -> None: ...
     def finish(self) -> dict[str, Path]: ...
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a session's run-level files keep of one image (`ExportSession.run_records`): its path and
+    name, its size, and each run-level format's part (lists, tuples, dicts, strings and numbers: it
+    pickles). Another session of the same formats and classes takes
+    it back with `ExportSession.add_record`, so the ranks of a run can merge their images into one
+    set of run-level files."""
+
+    path: str
+    name: str
+    width: int
+    height: int
+    payloads: dict[str, Any]
 
 
 def _writer(name: str, out_dir: Path, classes: ClassTable, tolerance: float) -> _Writer:
@@ -138,6 +157,7 @@ class ExportSession:
         self._writers = [_writer(name, self.out_dir, self.classes, float(polygon_tolerance))
                          for name in self.formats if name != "png"]
         self._names: dict[str, str] = {}  # stem -> the image name that uses it
+        self._kept: dict[str, ExportImage] = {}  # the images the run-level files will list, by name
 
     def _stem(self, name: str) -> str:
         """The stem of ``name``, refused when another image of this session has it."""
@@ -187,6 +207,7 @@ class ExportSession:
         for writer in self._writers:
             written.update(writer.write_image(image, labels))
             writer.remember(image, labels)
+        self._kept[image.name] = image
         return written
 
     def add_existing(self, image_path: Path, name: str, labels: np.ndarray) -> None:
@@ -194,12 +215,49 @@ class ExportSession:
         image, labels = self._image(image_path, name, labels)
         for writer in self._writers:
             writer.remember(image, labels)
+        self._kept[image.name] = image
 
     def discard(self, name: str) -> None:
         """Leave the image ``name`` out of the run-level files (its outputs were given up); its
         per-image files are the caller's to remove."""
         for writer in self._writers:
             writer.forget(name)
+        self._kept.pop(name, None)
+
+    def run_records(self) -> list[RunRecord]:
+        """What the run-level files would keep of each image written or added so far (in the order
+        they came), for `add_record` on another session: the parts are the writers' own objects, not
+        copies."""
+        records = []
+        for name, image in self._kept.items():
+            payloads = {writer.name: writer.payload(name) for writer in self._writers if writer.keeps_images}
+            records.append(RunRecord(str(image.path), name, image.width, image.height, payloads))
+        return records
+
+    def add_record(self, record: RunRecord) -> None:
+        """Keep an image that another session of the same formats and classes wrote or added (its
+        `run_records`) for this session's run-level files, as if it had come here. The name is
+        checked as `write_image` checks it; a record whose parts are not this session's run-level
+        formats is a `ValueError` (the sessions differ)."""
+        try:
+            record.name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise S2ClipError(f"cannot export {record.name!r}: its name holds bytes that are not UTF-8") from None
+        stem = self._stem(check_name(record.name))
+        if "cvat" in self.formats:
+            check_xml_text(record.name, "image name")
+        if not (isinstance(record.width, int) and isinstance(record.height, int) and record.width >= 0
+                and record.height >= 0):
+            raise ValueError(f"record of {record.name!r}: size {record.width}x{record.height} is not a size")
+        expected = {writer.name for writer in self._writers if writer.keeps_images}
+        if set(record.payloads) != expected:
+            raise ValueError(f"record of {record.name!r} holds {sorted(record.payloads)}, this session keeps "
+                             f"{sorted(expected)}")
+        image = ExportImage(Path(record.path), record.name, stem, record.width, record.height)
+        for writer in self._writers:
+            if writer.name in record.payloads:
+                writer.restore(image, record.payloads[writer.name])
+        self._kept[image.name] = image
 
     def finish(self) -> dict[str, Path]:
         """Write the run-level files (each atomically) and return them, by name."""

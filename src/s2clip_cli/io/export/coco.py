@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from ..files import write_json
+from ..files import write_json_items
 from ..naming import image_ids, image_order
 from ._common import ClassTable, ExportImage, Region, categories, connected_regions
 
@@ -95,6 +95,7 @@ class CocoWriter:
     """Collects each image's annotations; ``finish`` writes ``coco.json`` for the whole run."""
 
     name = "coco"
+    keeps_images = True  # the run-level files hold a part of each image
 
     def __init__(self, out_dir: Path, classes: ClassTable) -> None:
         self.path = out_dir / RUN_FILE
@@ -116,6 +117,13 @@ class CocoWriter:
     def forget(self, name: str) -> None:
         self._images.pop(name, None)
 
+    def payload(self, name: str) -> list[dict[str, Any]]:
+        """The image's annotations as ``coco_document`` takes them (ids set there)."""
+        return self._images[name][1]
+
+    def restore(self, image: ExportImage, payload: list[dict[str, Any]]) -> None:
+        self._images[image.name] = (image, payload)
+
     def finish(self) -> dict[str, Path]:
-        write_json(self.path, coco_document(self._images, self.classes))
+        write_json_items(self.path, coco_document(self._images, self.classes), depth=2)  # an image, an annotation a line
         return {self.name: self.path}

@@ -75,6 +75,7 @@ class CvatWriter:
     """Collects each image's regions; ``finish`` writes ``cvat.xml`` for the whole run."""
 
     name = "cvat"
+    keeps_images = True  # the run-level files hold a part of each image
 
     def __init__(self, out_dir: Path, classes: ClassTable) -> None:
         check_cvat_labels(classes)
@@ -97,6 +98,13 @@ class CvatWriter:
 
     def forget(self, name: str) -> None:
         self._images.pop(name, None)
+
+    def payload(self, name: str) -> list[dict[str, str]]:
+        """The attributes of the image's ``<mask>`` elements, as ``cvat_document`` takes them."""
+        return self._images[name][1]
+
+    def restore(self, image: ExportImage, payload: list[dict[str, str]]) -> None:
+        self._images[image.name] = (image, payload)
 
     def finish(self) -> dict[str, Path]:
         root = cvat_document(self._images, self.classes)

@@ -31,6 +31,7 @@ class MasksWriter:
     """Per image, a folder of binary class PNGs and their ``index.json``."""
 
     name = "masks"
+    keeps_images = False  # the run-level files hold a part of each image
 
     def __init__(self, out_dir: Path, classes: ClassTable) -> None:
         self.out_dir = out_dir
@@ -74,6 +75,12 @@ class MasksWriter:
         pass
 
     def forget(self, name: str) -> None:
+        pass
+
+    def payload(self, name: str) -> None:
+        return None
+
+    def restore(self, image: ExportImage, payload: object) -> None:
         pass
 
     def finish(self) -> dict[str, Path]:

@@ -107,6 +107,7 @@ class PolygonsWriter:
     """``<stem>_polygons.json`` per image."""
 
     name = "polygons"
+    keeps_images = False  # the run-level files hold a part of each image
 
     def __init__(self, out_dir: Path, classes: ClassTable, tolerance: float) -> None:
         self.out_dir = out_dir
@@ -130,6 +131,12 @@ class PolygonsWriter:
         pass
 
     def forget(self, name: str) -> None:
+        pass
+
+    def payload(self, name: str) -> None:
+        return None
+
+    def restore(self, image: ExportImage, payload: object) -> None:
         pass
 
     def finish(self) -> dict[str, Path]:

@@ -68,6 +68,7 @@ class YoloWriter:
     """Per image a label file; at the end ``data.yaml``."""
 
     name = "yolo"
+    keeps_images = False  # the run-level files hold a part of each image
 
     def __init__(self, out_dir: Path, classes: ClassTable, tolerance: float) -> None:
         self.out_dir = out_dir
@@ -92,6 +93,12 @@ class YoloWriter:
         pass
 
     def forget(self, name: str) -> None:
+        pass
+
+    def payload(self, name: str) -> None:
+        return None
+
+    def restore(self, image: ExportImage, payload: object) -> None:
         pass
 
     def finish(self) -> dict[str, Path]:
