@@ -1,8 +1,8 @@
 """Beyond one process (issue 23): `segment` images/s on 1 and 2 ranks, the merge of 10 000 per-image
-export records on rank 0, and (to come) 1 vs 2 `serve` workers under a burst.
+export records on rank 0, and 1 vs 2 `serve` workers under bursts of requests.
 
     python benchmarks/bench_scale.py [--images 96] [--size 240x320] [--models tiny] [--rounds 2]
-                                     [--records 10000] [--json bench-results/scale.json]
+                                     [--records 10000] [--serve-burst-size 4] [--json bench-results/scale.json]
 
 - **segment**: the same folder of synthetic photos segmented by `torchrun --nproc-per-node 1` and
   `--nproc-per-node 2` (gloo on the CPU, ``OMP_NUM_THREADS=1``: one thread per rank), the command
@@ -19,7 +19,8 @@ export records on rank 0, and (to come) 1 vs 2 `serve` workers under a burst.
   regions) held half by each of 2 ranks, gathered on rank 0 and written (`segment_ranks.merge_run_files`),
   against one process writing the same 10 000 images' run files; its share of a 10 000-image run at
   the 2-rank rate measured above (goal: at most 1 %).
-- **serve workers**: `serve_burst` below, left for `serve --devices` to fill.
+- **serve workers**: 1 vs 2 `serve` workers under the same bursts (`bench_serve.py --burst`, run by
+  `serve_burst`).
 """
 
 from __future__ import annotations
@@ -218,10 +219,22 @@ def merge_cost(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "images": two["images"], "annotations": two["annotations"], "bytes": two["bytes"]}
 
 
-def serve_burst(args: argparse.Namespace) -> dict[str, Any] | None:
-    """1 vs 2 `serve` workers answering a burst of requests (`serve --devices cpu,cpu`): to be filled
-    in with the serve workers (issue 23, part 2). Returns the measurement, or None (not measured)."""
-    return None
+def serve_burst(args: argparse.Namespace, work: Path) -> dict[str, Any] | None:
+    """1 vs 2 `serve` workers answering the same bursts of requests (`serve --devices cpu` against
+    `--devices cpu,cpu`, one torch thread per worker): `bench_serve.py --burst`, run as it is, its JSON
+    read back. None with `--no-serve`."""
+    if args.serve_burst_size <= 0:
+        return None
+    out = work / "serve_burst.json"
+    cmd = [sys.executable, str(Path(__file__).with_name("bench_serve.py")), "--burst", "--burst-size",
+           str(args.serve_burst_size), "--rounds", str(args.rounds), "--models", "tiny", "--json", str(out)]
+    subprocess.run(cmd, check=True, env=_env())
+    report = json.loads(out.read_text())
+    rows = {row["workers"]: row for row in report["rows"]}
+    return {"requests_per_s": {str(n): rows[n]["requests_per_s"] for n in (1, 2)},
+            "speedup": report["ratio_median"], "speedup_per_round": report["ratio_rounds"],
+            "machine_ceiling": report["thread_ceiling_median"], "burst_size": report["burst_size"],
+            "latency_p50_s": {str(n): rows[n]["latency_p50_s"] for n in (1, 2)}}
 
 
 def main() -> None:
@@ -238,6 +251,8 @@ def main() -> None:
     parser.add_argument("--short-side", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--records", type=int, default=10_000)
+    parser.add_argument("--serve-burst-size", type=int, default=4,
+                        help="requests per burst for 1 vs 2 serve workers (0: skip that part)")
     parser.add_argument("--json", type=Path, default=Path("bench-results/scale.json"))
     args = parser.parse_args()
     height, width = (int(v) for v in args.size.lower().split("x"))
@@ -251,7 +266,7 @@ def main() -> None:
         folder = photos(work / "photos", args.images, (height, width))
         scaling = segment_scaling(args, folder, work)
         merge = merge_cost(args, work)
-    burst = serve_burst(args)
+        burst = serve_burst(args, work)
     run_s = args.records / scaling["images_per_s"]["2"]
     merge["share_of_run"] = merge["two_ranks_s"] / (run_s + merge["two_ranks_s"])
 
@@ -275,8 +290,9 @@ def main() -> None:
     if burst is None:
         table.add_row("serve: a burst, 1 vs 2 workers", "not measured", "not measured", "")
     else:
-        table.add_row("serve: a burst, requests/s", f"{burst['requests_per_s']['1']:.2f}",
-                      f"{burst['requests_per_s']['2']:.2f}", f"{burst['speedup']:.2f}x")
+        table.add_row(f"serve: bursts of {burst['burst_size']}, requests/s (workers)",
+                      f"{burst['requests_per_s']['1']:.3f}", f"{burst['requests_per_s']['2']:.3f}",
+                      f"{burst['speedup']:.2f}x (2 threads / 1 now: {burst['machine_ceiling']:.2f}x)")
     console = Console()
     console.print(table)
     console.print(f"merge share: {merge['two_ranks_s']:.2f} s against {run_s:.0f} s for {args.records} images at "
