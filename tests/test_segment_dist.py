@@ -305,7 +305,9 @@ def test_a_rank_that_fails_stops_the_other_within_seconds(tmp_path: Path) -> Non
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
-    assert procs[1].returncode != 0 and _errors(err1) == ["error: interrupted"], err1[-3000:]
+    assert procs[1].returncode != 0 and _errors(err1) == [
+        "error: interrupted; done 1, skipped 0, failed 0; rerun the same command to continue (finished inputs are "
+        "skipped)"], err1[-3000:]
     assert procs[0].returncode == 2 and stopped_after < 10, (stopped_after, err0[-3000:])
     assert _errors(err0) == ["error: stopped because rank 1 failed (its error is in its own output); finished inputs "
                              "are kept: rerun the same command (with any number of ranks) to continue"], err0

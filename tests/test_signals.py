@@ -102,6 +102,25 @@ def test_a_main_thread_busy_in_c_is_stopped_within_the_reaction_time() -> None:
     assert "busy in one computation" in run.output and "never" not in run.output
 
 
+_FINISHED_THEN_TEARDOWN = textwrap.dedent("""
+    import atexit, sys, time
+    atexit.register(lambda: (print("tearing down", flush=True), time.sleep(60)))  # a slow library finalizer
+    from s2clip_cli.cli import main
+    sys.argv = ["s2clip", "models", "list"]
+    main()
+""")
+
+
+def test_a_signal_during_the_teardown_after_the_command_ends_is_one_line() -> None:
+    """A command that has finished (exit 0) and is in the interpreter's teardown: a SIGTERM (a rank's
+    watchdog, a supervisor) ends it at once in one line, not a traceback from inside a finalizer."""
+    run = start([], python_code=_FINISHED_THEN_TEARDOWN)
+    run.wait_for_output("tearing down")
+    status, seconds = run.signal_group(signal.SIGTERM)
+    assert status == 143 and seconds < 2.0, (status, seconds, run.output[-2000:])
+    assert "Traceback" not in run.output and "error: interrupted after the command had finished" in run.output
+
+
 def test_sigint_ignored_at_start_stays_ignored(tmp_path: Path) -> None:
     """`nohup` or a background job of a script: Ctrl-C was not meant for it; SIGTERM still stops it."""
     proc = subprocess.Popen([sys.executable, "-c", _COMMAND, str(tmp_path / "mark"), "0"], env=ENV,

@@ -78,6 +78,7 @@ def main() -> None:
         sys.stderr.close()
     except SystemExit as exc:
         interrupts.exit_now(exc.code if isinstance(exc.code, int) else 1)  # after an interruption
+        interrupts.finishing()  # (otherwise) a signal during the teardown: no traceback
         raise
 
 

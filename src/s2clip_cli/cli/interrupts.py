@@ -141,6 +141,23 @@ def interrupted_by() -> int | None:
     return _first_signal
 
 
+def _on_late_signal(signum: int, frame: FrameType | None) -> None:
+    """A signal during the interpreter's teardown, after the command ended: end the process now."""
+    with contextlib.suppress(BaseException):
+        os.write(2, b"error: interrupted after the command had finished (its outputs are complete)\n")
+    os._exit(128 + signum)
+
+
+def finishing() -> None:
+    """The command has ended without an interruption; the interpreter's teardown (atexit handlers,
+    library finalizers: seconds once torch is loaded) follows. A Ctrl-C or SIGTERM arriving then
+    ends the process at once, in one line (128 + the signal's number) — not a traceback from inside
+    whichever finalizer it interrupted: the command's own clean-ups have all run."""
+    for sig in _STOPPING:
+        if signal.getsignal(sig) is _on_signal:
+            signal.signal(sig, _on_late_signal)
+
+
 def exit_now(code: int) -> None:
     """After an interruption: flush the output, run the atexit handlers and end the process with
     ``code`` without the interpreter's teardown. Returns (does nothing) when there was none."""
