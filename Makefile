@@ -61,6 +61,7 @@ bench: install
 	$(PY) benchmarks/bench_memory.py
 	$(PY) benchmarks/bench_eval.py
 	$(PY) benchmarks/bench_corrclip.py
+	$(PY) benchmarks/bench_sam_encoder.py
 
 clean:
 	rm -rf $(VENV) $(FLOORS) out bench-results .pytest_cache

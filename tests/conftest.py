@@ -32,6 +32,7 @@ def _seed() -> None:
 # a 2-core machine; `make test-slow` runs only them, and `.ci/run` runs both, so CI still runs everything.
 # One list, with the time each took on a loaded 2-core machine, so it is reviewed as a whole.
 SLOW_TESTS: tuple[str, ...] = (
+    "test_sam_encoder.py::test_the_full_size_vit_b_encoder_equals_segment_anythings_at_1024",  # 40 s: both encoders
     "test_eval_cli.py::test_torchrun_two_processes_match_single",  # 36 s: two torchrun processes
     "test_eval_cli.py::test_eval_writes_results_and_resumes",  # 33 s: three eval runs
     "test_cluster.py::test_weights_are_downloaded_once_while_the_other_rank_waits",  # 33 s: two ranks

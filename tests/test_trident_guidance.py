@@ -16,6 +16,7 @@ from s2clip_cli.models.sam_attention import (
     block_attention,
     block_qkv,
     iter_head_attention,
+    last_block_input,
     last_global_block,
 )
 from s2clip_cli.pipeline.trident import (
@@ -267,10 +268,12 @@ def test_guidance_under_cpu_autocast(tiny_sam, fp32_reference, dtype: torch.dtyp
     block = last_global_block(tiny_sam.image_encoder)
     with torch.no_grad():
         with torch.autocast("cpu", dtype=dtype):
-            # A second capture on the same block sees the input the guidance was computed from.
-            with BlockInputCapture(block) as capture:
-                guidance = sam_guidance_attention(tiny_sam.image_encoder, sam_input, valid, cos_fac=1.2)
-            attn, values = block_attention(block, capture.input)
+            guidance = sam_guidance_attention(tiny_sam.image_encoder, sam_input, valid, cos_fac=1.2)
+            block_input = last_block_input(tiny_sam.image_encoder, sam_input)  # what the guidance read
+            with BlockInputCapture(block) as capture:  # = the full encoder's, under the same autocast
+                tiny_sam.image_encoder(sam_input)
+            assert torch.equal(block_input, capture.input)
+            attn, values = block_attention(block, block_input)
             token_map = torch.randn(16, 4, 6).to(dtype)
             guided = apply_guidance(guidance, token_map, valid)
     m = valid[0] * valid[1]
@@ -290,9 +293,11 @@ def test_cityscapes_halves(tiny_sam) -> None:
     cos_fac, refine_neg_cos = 3.0, False  # Trident's Cityscapes settings
     encoder = tiny_sam.image_encoder
     block = last_global_block(encoder)
-    encoder_inputs, block_inputs = [], []
-    hooks = [encoder.register_forward_pre_hook(lambda _m, a: encoder_inputs.append(a[0])),
-             block.register_forward_pre_hook(lambda _m, a: block_inputs.append(a[0]))]
+    encoder_inputs, block_inputs, last_block_runs = [], [], []
+    # (the encoder runs up to its last block: its input is the block before's output)
+    hooks = [encoder.patch_embed.register_forward_pre_hook(lambda _m, a: encoder_inputs.append(a[0])),
+             encoder.blocks[-2].register_forward_hook(lambda _m, _a, out: block_inputs.append(out)),
+             block.register_forward_pre_hook(lambda _m, a: last_block_runs.append(a[0]))]
     try:
         out = guide_token_map(tiny_sam, image, token_map, cos_fac=cos_fac, refine_neg_cos=refine_neg_cos,
                               halves=True)
@@ -302,7 +307,7 @@ def test_cityscapes_halves(tiny_sam) -> None:
     assert out.shape == (8, 16, 128) and out.dtype == torch.float32
 
     # SAM ran once per half, on that half alone; each half of the map is guided by its own attention.
-    assert len(encoder_inputs) == len(block_inputs) == 2
+    assert len(encoder_inputs) == len(block_inputs) == 2 and not last_block_runs
     halves = []
     for i, (img_half, map_half) in enumerate(((image[:, :64], token_map[..., :4]),
                                               (image[:, 64:], token_map[..., 4:]))):

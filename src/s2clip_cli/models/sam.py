@@ -3,6 +3,8 @@
 `build_sam("vit_b")` is exactly what `segment_anything.sam_model_registry["vit_b"]` builds;
 `tiny=True` keeps the same `Sam` class, prompt encoder and mask decoder but swaps in a two-block
 image encoder so tests run in seconds. Checkpoints are loaded strictly with `weights_only=True`.
+The image encoder's attention runs through `scaled_dot_product_attention` (`sam_fused`: the same
+function, modules and state dict; `use_reference_attention` puts segment-anything's forward back).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from ..errors import S2ClipError
+from .sam_fused import use_sdpa_attention
 from .weights import checkpoint_damage, checkpoint_error
 
 SAM_VARIANTS = ("vit_b", "vit_l", "vit_h")
@@ -108,6 +111,7 @@ def build_sam(variant: str = "vit_b", *, tiny: bool = False, checkpoint: str | P
         raise S2ClipError(f"unknown SAM variant {variant!r}: use one of {', '.join(SAM_VARIANTS)}")
     shape = _TINY_ENCODER if tiny else _ENCODER_SHAPES[variant]
     sam = _assemble(_image_encoder(*shape))
+    use_sdpa_attention(sam.image_encoder)
     if checkpoint is not None:
         _load_checkpoint(sam, checkpoint)
     return sam.eval()

@@ -86,6 +86,19 @@ def last_global_block(encoder: ImageEncoderViT) -> Block:
     return block
 
 
+def last_block_input(encoder: ImageEncoderViT, images: Tensor) -> Tensor:
+    """The input ``[B, H, W, C]`` of `encoder`'s last block for its input ``images`` ``[B, 3, S, S]``:
+    the first steps of ``ImageEncoderViT.forward`` (patch embedding, absolute positions, every block
+    but the last) with the encoder's own modules — without the last block and the neck, whose
+    outputs the attention read from that block does not need."""
+    x = encoder.patch_embed(images)
+    if encoder.pos_embed is not None:
+        x = x + encoder.pos_embed
+    for block in encoder.blocks[:-1]:
+        x = block(x)
+    return x
+
+
 def block_qkv(block: Block, x: Tensor) -> BlockQKV:
     """Recompute `block`'s per-head q, k, v (float32) from its input ``x`` ``[1, H, W, C]``."""
     if x.ndim != 4 or x.shape[0] != 1:

@@ -39,7 +39,7 @@ from segment_anything.modeling import ImageEncoderViT, Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import Tensor
 
-from ..models.sam_attention import BlockInputCapture, block_qkv, iter_head_attention, last_global_block
+from ..models.sam_attention import block_qkv, iter_head_attention, last_block_input, last_global_block
 
 # Trident's fixed constants in `get_sam_sim`.
 NEGATIVE_THRESHOLD_REPLACEMENT = 0.6
@@ -158,14 +158,12 @@ def sam_guidance_attention(
     """The guidance attention ``[M, M]`` (float32, rows sum to 1; M = gh·gw, row-major over the
     valid grid) for one SAM input ``[1, 3, S, S]`` (see `sam_input_from_image`).
 
-    Runs the encoder once (under whatever autocast the caller set) with a hook on its last block,
-    then recomputes that block's attention in float32 (`models.sam_attention`)."""
+    Runs the encoder up to its last block (under whatever autocast the caller set), then computes
+    that block's attention from its input in float32 (`models.sam_attention`)."""
     if sam_input.ndim != 4 or sam_input.shape[0] != 1:
         raise ValueError(f"expected one SAM input [1, 3, S, S], got {tuple(sam_input.shape)}")
     block = last_global_block(sam_image_encoder)
-    with BlockInputCapture(block) as capture:
-        sam_image_encoder(sam_input)
-    qkv = block_qkv(block, capture.input)
+    qkv = block_qkv(block, last_block_input(sam_image_encoder, sam_input))
     return guidance_from_attention(
         iter_head_attention(block, qkv), qkv.values_grid(), valid_hw, cos_fac, refine_neg_cos
     )
