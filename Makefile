@@ -62,6 +62,9 @@ bench: install
 	$(PY) benchmarks/bench_eval.py
 	$(PY) benchmarks/bench_corrclip.py
 	$(PY) benchmarks/bench_sam_encoder.py
+	$(PY) benchmarks/bench_methods_new.py
+	@if [ -n "$(REFS)" ]; then $(PY) benchmarks/bench_references.py --refs "$(REFS)"; \
+	else echo "bench_references: skipped (make bench REFS=DIR with the reference repositories cloned in DIR)"; fi
 
 clean:
 	rm -rf $(VENV) $(FLOORS) out bench-results .pytest_cache

@@ -8,7 +8,8 @@ segmentor class (`ProxyCLIPSegmentation`, SCLIP's `CLIPForSegmentation`, `NACLIP
 built by its own `__init__` with the same window/threshold settings as ours. Runs alternate (reference,
 ours, reference, ours, ...) after one warm-up of each, so machine-load drift hits both; the median is
 reported. A fidelity check compares the two sides' class probabilities (max |diff|) and labels
-(% equal pixels) on the image, so both time the same work.
+(% equal pixels; "(n cl.)": how many classes the labels hold — random weights can leave one) on the
+image, so both time the same work.
 
 The references are read from ``--refs DIR`` (nothing of theirs is in this tree): DIR/ProxyCLIP
 (mc-lan/ProxyCLIP), DIR/SCLIP (wangf3014/SCLIP), DIR/NACLIP (sinahmr/NACLIP), DIR/Trident
@@ -19,7 +20,8 @@ code is imported). What the benchmark substitutes, and nothing else:
 - mmseg/mmengine are not needed: ``BaseSegmentor`` (an ``nn.Module``), ``SegDataPreProcessor``,
   ``PixelData`` and the ``MODELS`` registry are tiny stubs injected into ``sys.modules``; ``openpyxl``
   (ProxyCLIP/Trident ``myutils``, unused here), ``einops`` (ProxyCLIP's MAE branch, unused here) and
-  ``pkg_resources`` (``clip.py``) are stubbed when missing. The normalisation their ``SegDataPreProcessor`` would do is done here, in the timed call.
+  ``pkg_resources`` (``clip.py``) are stubbed when missing. The normalisation their
+  ``SegDataPreProcessor`` would do is done here, in the timed call.
 - Weights: their ``create_model`` / ``clip.load`` / ``torch.hub.load`` / ``sam_model_registry`` are
   wrapped to build their own model classes without downloading, then load s2clip's random state dicts
   (open_clip CLIP, timm DINO, segment-anything SAM; strict, no renames needed).
@@ -27,12 +29,15 @@ code is imported). What the benchmark substitutes, and nothing else:
   the GPU; SCLIP's/NACLIP's ``clip.load`` is fp32 on the CPU anyway).
 - Text: their ``__init__`` encodes the names with one template (not 80; text encoding is not per-image),
   then ``query_features`` is set to s2clip's 80-template embeddings so both sides classify alike.
+- Trident's ``predict`` gets the image as the PNG file its SAM branch re-reads (written losslessly).
+Their code is otherwise untouched (e.g. ProxyCLIP/Trident register one more DINO forward hook per call).
 
 Default settings are each method's `segment` defaults (``--preset`` for a benchmark's); ``--short-side``
 sets the image's short side (the image is generated at the working size, so the resize is a no-op on
 both sides). A method whose warm-up pair takes more than ``--slow`` seconds per image (ProxyCLIP's DINO
-ViT-B/8, Trident's SAM guidance: 20-60 s on one thread) is timed with one repeat, which keeps the
-default run near 10 minutes on a 2-core CPU; the table and JSON record the repeats each method got.
+ViT-B/8, Trident's SAM guidance: 20-70 s on one thread) is timed with one repeat, which keeps the
+default run under 10 minutes on a 2-core CPU (8m40s, models built included); the table and JSON record
+the repeats each method got.
 
     python benchmarks/bench_references.py --refs DIR [--methods proxyclip,sclip,naclip,trident]
         [--repeats 3] [--slow 20] [--short-side 448] [--preset voc21] [--threads 1]
@@ -351,7 +356,8 @@ def fidelity(ours: tuple[torch.Tensor, torch.Tensor], theirs: tuple[torch.Tensor
     if ref_probs.shape != our_probs.shape:  # (never expected: same size, same classes)
         ref_probs = F.interpolate(ref_probs[None], size=our_probs.shape[-2:], mode="bilinear")[0]
     return {"max_abs_prob_diff": float((our_probs.float() - ref_probs).abs().max()),
-            "labels_equal_pct": float((our_labels.cpu() == ref_labels.cpu()).float().mean() * 100)}
+            "labels_equal_pct": float((our_labels.cpu() == ref_labels.cpu()).float().mean() * 100),
+            "classes_predicted": int(our_labels.unique().numel())}
 
 
 def reference_commit(folder: Path) -> str | None:
@@ -497,7 +503,7 @@ def main() -> None:
         if "reference_s" in r:
             table.add_row(r["method"], size, r["windows"], str(r["repeats"]), f"{r['reference_s']:.2f}",
                           f"{r['s2clip_s']:.2f}", f"{r['ratio']:.2f}", f"{r['max_abs_prob_diff']:.1e}",
-                          f"{r['labels_equal_pct']:.2f}%")
+                          f"{r['labels_equal_pct']:.2f}% ({r['classes_predicted']} cl.)")
         else:
             table.add_row(r["method"], size, r["windows"], str(r["repeats"]),
                           f"reference not runnable: {r['reference_error']}", f"{r['s2clip_s']:.2f}", "–", "–", "–")

@@ -40,7 +40,11 @@ def rel_pos_mask(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, size: tuple[in
     r_q = q.reshape(*q.shape[:-2], h, w, q.shape[-1])
     rel_h = torch.einsum("...hwc,hkc->...hwk", r_q, r_h)  # [..., H, W, H]
     rel_w = torch.einsum("...hwc,wkc->...hwk", r_q, r_w)  # [..., H, W, W]
-    return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(*q.shape[:-1], h * w)
+    # summed straight into a contiguous mask (einsum's outputs are permuted views: a plain sum
+    # would follow their layout and need one more N x N copy to be reshaped)
+    mask = torch.empty((*q.shape[:-1], h, w), dtype=q.dtype, device=q.device)
+    torch.add(rel_h[..., :, None], rel_w[..., None, :], out=mask.view(*q.shape[:-2], h, w, h, w))
+    return mask.view(*q.shape[:-1], h * w)
 
 
 class SdpaAttention(Attention):
