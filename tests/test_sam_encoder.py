@@ -16,7 +16,12 @@ from segment_anything.modeling.image_encoder import Attention, Block
 
 from s2clip_cli.models import sam_fused
 from s2clip_cli.models.sam import _ENCODER_SHAPES, build_sam
-from s2clip_cli.models.sam_fused import SdpaAttention, use_reference_attention, use_sdpa_attention
+from s2clip_cli.models.sam_fused import (
+    CpuFloat32Conv2d,
+    SdpaAttention,
+    use_reference_attention,
+    use_sdpa_attention,
+)
 from s2clip_cli.pipeline.segmenter import Segmenter, SegmenterConfig
 
 
@@ -45,6 +50,24 @@ def test_build_sam_uses_sdpa_attention_with_segment_anythings_parameters() -> No
     keys = set(sam.state_dict())
     use_reference_attention(sam.image_encoder)
     assert all(type(m) is Attention for m in attns) and set(sam.state_dict()) == keys
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_encoder_convolutions_compute_in_float32_under_cpu_autocast(dtype: torch.dtype) -> None:
+    """CPU autocast would send SAM's convolutions to PyTorch's slow bf16/fp16 reference kernel (18 s
+    per image on CPUs without native support): they run in float32, exactly as without autocast."""
+    sam = build_sam("vit_b", tiny=True)
+    convs = [m for m in sam.image_encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 3 and all(type(m) is CpuFloat32Conv2d for m in convs)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    conv = sam.image_encoder.patch_embed.proj
+    with torch.no_grad():
+        exact = conv(x)
+        with torch.autocast("cpu", dtype=dtype):
+            low = conv(x)
+            plain = torch.nn.functional.conv2d(x, conv.weight, conv.bias, conv.stride)
+    assert plain.dtype == dtype  # (what autocast alone does)
+    assert low.dtype == torch.float32 and torch.equal(low, exact)
 
 
 # (variant, global block?, grid): ViT-B's global blocks at SAM's own 64x64 grid; the others at 32x32,

@@ -16,7 +16,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from ..errors import S2ClipError
-from .sam_fused import use_sdpa_attention
+from .sam_fused import use_float32_convolutions_on_cpu, use_sdpa_attention
 from .weights import checkpoint_damage, checkpoint_error
 
 SAM_VARIANTS = ("vit_b", "vit_l", "vit_h")
@@ -112,6 +112,7 @@ def build_sam(variant: str = "vit_b", *, tiny: bool = False, checkpoint: str | P
     shape = _TINY_ENCODER if tiny else _ENCODER_SHAPES[variant]
     sam = _assemble(_image_encoder(*shape))
     use_sdpa_attention(sam.image_encoder)
+    use_float32_convolutions_on_cpu(sam.image_encoder)
     if checkpoint is not None:
         _load_checkpoint(sam, checkpoint)
     return sam.eval()

@@ -71,6 +71,28 @@ class SdpaAttention(Attention):
         return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
 
 
+class CpuFloat32Conv2d(nn.Conv2d):
+    """A ``Conv2d`` that computes in float32 under CPU autocast. CPU autocast casts convolutions to
+    bf16/fp16, which most CPUs (no AVX512-BF16/FP16) run through PyTorch's slow reference kernel:
+    SAM's three encoder convolutions (patch embedding, neck) then took 18 s per image instead of
+    0.1 s. They are ~1 % of the encoder's work, so float32 costs nothing and rounds less; CUDA and
+    float32 runs are unchanged."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+            return super().forward(x)
+        with torch.autocast("cpu", enabled=False):
+            return super().forward(x.float())
+
+
+def use_float32_convolutions_on_cpu(encoder: nn.Module) -> nn.Module:
+    """Make every ``Conv2d`` in ``encoder`` a `CpuFloat32Conv2d` (in place; same parameters)."""
+    for module in encoder.modules():
+        if type(module) is nn.Conv2d:
+            module.__class__ = CpuFloat32Conv2d
+    return encoder
+
+
 def _swap_attention(encoder: nn.Module, cls: type[Attention]) -> nn.Module:
     for module in encoder.modules():
         if isinstance(module, Attention):
