@@ -31,7 +31,7 @@ from rich.table import Table
 from s2clip_cli.models.precision import autocast
 from s2clip_cli.models.sam import build_sam
 from s2clip_cli.models.sam_attention import BlockInputCapture, last_block_input, last_global_block
-from s2clip_cli.models.sam_fused import CpuFloat32Conv2d, use_reference_attention
+from s2clip_cli.models.sam_fused import use_reference_attention, use_reference_convolutions
 from s2clip_cli.profiling import PeakMemory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -87,10 +87,7 @@ def bench_variant(variant: str, precision: str, device: torch.device, repeats: i
         for block in encoder.blocks:
             block.attn.rel_pos_h.normal_(0.0, 0.5)
             block.attn.rel_pos_w.normal_(0.0, 0.5)
-    reference = use_reference_attention(copy.deepcopy(encoder))
-    for module in reference.modules():  # segment-anything's own convolutions too (CPU autocast: its dtype)
-        if isinstance(module, CpuFloat32Conv2d):
-            module.__class__ = torch.nn.Conv2d
+    reference = use_reference_convolutions(use_reference_attention(copy.deepcopy(encoder)))
     x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(seed)).to(device)
     dtype = DTYPES[precision]
 

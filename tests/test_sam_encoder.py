@@ -12,6 +12,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+from sam_helpers import randomise_rel_pos
 from segment_anything.modeling.image_encoder import Attention, Block
 
 from s2clip_cli.models import sam_fused
@@ -23,15 +24,6 @@ from s2clip_cli.models.sam_fused import (
     use_sdpa_attention,
 )
 from s2clip_cli.pipeline.segmenter import Segmenter, SegmenterConfig
-
-
-def _randomise_rel_pos(module: torch.nn.Module, seed: int) -> None:
-    """segment-anything zero-initialises the relative positions (released SAMs' are not zero)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for attn in (m for m in module.modules() if isinstance(m, Attention)):
-            for p in (attn.rel_pos_h, attn.rel_pos_w):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
 
 
 def _rel_diff(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -80,7 +72,7 @@ def test_each_variants_blocks_equal_segment_anythings(variant: str, window: int,
     torch.manual_seed(0)
     block = Block(dim, heads, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
                   window_size=window, input_size=(64, 64) if window == 0 else (window, window)).eval()
-    _randomise_rel_pos(block, seed=1)
+    randomise_rel_pos(block, seed=1)
     ours, ref = _pair(block)
     x = torch.randn(1, grid, grid, dim, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -90,7 +82,7 @@ def test_each_variants_blocks_equal_segment_anythings(variant: str, window: int,
 def test_the_mask_built_a_few_heads_at_a_time_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     attn = Attention(96, num_heads=6, use_rel_pos=True, input_size=(24, 24)).eval()
-    _randomise_rel_pos(attn, seed=3)
+    randomise_rel_pos(attn, seed=3)
     x = torch.randn(2, 24, 24, 96, generator=torch.Generator().manual_seed(4))  # two images
     ours, ref = _pair(attn)
     with torch.no_grad():
@@ -106,7 +98,7 @@ def test_the_mask_built_a_few_heads_at_a_time_changes_nothing(monkeypatch: pytes
 def tiny_encoders() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
     torch.manual_seed(1)
     encoder = build_sam("vit_b", tiny=True).image_encoder
-    _randomise_rel_pos(encoder, seed=2)
+    randomise_rel_pos(encoder, seed=2)
     ours, ref = _pair(encoder)
     return ours, ref, torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(5))
 
@@ -125,7 +117,7 @@ def test_under_autocast_the_error_is_the_references_own(dtype: torch.dtype, wind
     torch.manual_seed(0)
     block = Block(64, 2, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
                   window_size=window, input_size=(64, 64) if window == 0 else (window, window)).eval()
-    _randomise_rel_pos(block, seed=9)
+    randomise_rel_pos(block, seed=9)
     ours, ref = _pair(block)
     x = torch.randn(1, 40, 40, 64, generator=torch.Generator().manual_seed(10))
     with torch.no_grad():
@@ -146,7 +138,7 @@ def test_segment_labels_with_sam_refinement_are_unchanged() -> None:
     seg = Segmenter.build(cfg, [["cat"], ["dog"], ["tree"]], None)
     seg.config.refine = type(seg.config.refine)(iou_thresh=-1.0, min_area=4)  # every region's mask is used
     encoder = seg.models.sam.image_encoder
-    _randomise_rel_pos(encoder, seed=6)
+    randomise_rel_pos(encoder, seed=6)
     results = {}
     with torch.no_grad():
         labels, probs = seg.classify(seg.predict_logits(image), image.shape[:2])
@@ -163,7 +155,7 @@ def test_the_full_size_vit_b_encoder_equals_segment_anythings_at_1024() -> None:
     """(slow list) SAM ViT-B whole, random weights, one 1024x1024 input."""
     torch.manual_seed(0)
     encoder = build_sam("vit_b").image_encoder
-    _randomise_rel_pos(encoder, seed=7)
+    randomise_rel_pos(encoder, seed=7)
     ours, ref = _pair(encoder)
     x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():

@@ -188,6 +188,13 @@ def _snapshot(out: Path) -> dict[str, object]:
     return files
 
 
+def _kill_running(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def _errors(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("error:")]
 
@@ -261,10 +268,7 @@ def test_a_killed_rank_stops_the_other_and_one_rank_finishes_the_run(tmp_path: P
         _, err0 = procs[0].communicate(timeout=60)
         stopped_after = time.monotonic() - killed
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        _kill_running(procs)
     assert procs[0].returncode == 2 and procs[1].returncode == -signal.SIGKILL, err0[-3000:]
     assert stopped_after < 10, (stopped_after, err0[-3000:])
     errors = _errors(err0)
@@ -301,10 +305,7 @@ def test_a_rank_that_fails_stops_the_other_within_seconds(tmp_path: Path) -> Non
         err0 = procs[0].communicate(timeout=60)[1]
         stopped_after = time.monotonic() - failed
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        _kill_running(procs)
     assert procs[1].returncode != 0 and _errors(err1) == [
         "error: interrupted; done 1, skipped 0, failed 0; rerun the same command to continue (finished inputs are "
         "skipped)"], err1[-3000:]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sam_helpers import randomise_rel_pos
 from segment_anything import SamPredictor
 from segment_anything.modeling import ImageEncoderViT
 
@@ -29,20 +30,11 @@ from s2clip_cli.pipeline.trident import (
 )
 
 
-def _randomise_rel_pos(encoder: ImageEncoderViT, seed: int) -> None:
-    """segment-anything zero-initialises the relative positions; make them matter."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for block in encoder.blocks:
-            for p in (block.attn.rel_pos_h, block.attn.rel_pos_w):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-
-
 @pytest.fixture(scope="module")
 def tiny_sam():
     torch.manual_seed(1)
     sam = build_sam("vit_b", tiny=True, checkpoint=None)
-    _randomise_rel_pos(sam.image_encoder, seed=2)
+    randomise_rel_pos(sam.image_encoder, seed=2)
     return sam
 
 
@@ -94,7 +86,7 @@ def test_captured_attention_reproduces_tiny_sam_last_block(tiny_sam) -> None:
 def test_captured_attention_reproduces_full_size_vit_b_last_block() -> None:
     torch.manual_seed(3)
     sam = build_sam("vit_b", tiny=False, checkpoint=None)
-    _randomise_rel_pos(sam.image_encoder, seed=4)
+    randomise_rel_pos(sam.image_encoder, seed=4)
     block = last_global_block(sam.image_encoder)
     assert block.attn.num_heads == 12
     # A 32x32 grid keeps the test fast; the 127-long relative tables are resampled as SAM does.

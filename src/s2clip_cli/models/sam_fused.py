@@ -85,26 +85,30 @@ class CpuFloat32Conv2d(nn.Conv2d):
             return super().forward(x.float())
 
 
-def use_float32_convolutions_on_cpu(encoder: nn.Module) -> nn.Module:
-    """Make every ``Conv2d`` in ``encoder`` a `CpuFloat32Conv2d` (in place; same parameters)."""
+def _set_class(encoder: nn.Module, base: type[nn.Module], cls: type[nn.Module]) -> nn.Module:
+    """Give every module of ``encoder`` that is a ``base`` the class ``cls`` (in place: the same
+    parameters, names and state dict)."""
     for module in encoder.modules():
-        if type(module) is nn.Conv2d:
-            module.__class__ = CpuFloat32Conv2d
-    return encoder
-
-
-def _swap_attention(encoder: nn.Module, cls: type[Attention]) -> nn.Module:
-    for module in encoder.modules():
-        if isinstance(module, Attention):
+        if isinstance(module, base):
             module.__class__ = cls
     return encoder
 
 
+def use_float32_convolutions_on_cpu(encoder: nn.Module) -> nn.Module:
+    """Make every ``Conv2d`` in ``encoder`` a `CpuFloat32Conv2d` (in place)."""
+    return _set_class(encoder, nn.Conv2d, CpuFloat32Conv2d)
+
+
+def use_reference_convolutions(encoder: nn.Module) -> nn.Module:
+    """Put PyTorch's own ``Conv2d.forward`` back (in place; under CPU autocast: its bf16/fp16)."""
+    return _set_class(encoder, nn.Conv2d, nn.Conv2d)
+
+
 def use_sdpa_attention(encoder: nn.Module) -> nn.Module:
     """Make every segment-anything ``Attention`` in ``encoder`` an `SdpaAttention` (in place)."""
-    return _swap_attention(encoder, SdpaAttention)
+    return _set_class(encoder, Attention, SdpaAttention)
 
 
 def use_reference_attention(encoder: nn.Module) -> nn.Module:
     """Put segment-anything's own ``Attention.forward`` back (in place)."""
-    return _swap_attention(encoder, Attention)
+    return _set_class(encoder, Attention, Attention)
